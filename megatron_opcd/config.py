@@ -1,0 +1,453 @@
+"""Typed configuration: one dataclass per component, validated in `__post_init__`, loaded from YAML
+with `key=value` overrides (`model.num_layers=4`).
+
+Rules (../shared/STYLE.md habit 6): a docstring per field; unknown keys and wrong types are
+rejected with a one-line `ConfigError` that names the field and the fix; never `assert` for user
+input. Cluster facts (node counts, paths, TP/PP degrees of a real job) live in `examples/`.
+
+The trainer's sections (data, context, algorithm, loss, generation, ...) are defined beside the
+code that reads them and registered in `SECTIONS`; this module holds the machinery, the model and
+the parallel layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is one line naming the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Machinery: from plain dicts to typed dataclasses, loudly.
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; convert the few lossless cases YAML needs."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where}: must be one of {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads `1e-6` (no dot) as a string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. model.num_layers=4)")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override '{text}' has an empty key part")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file (see examples/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections at the top level")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class ModelConfig:
+    """A Llama/Qwen-family decoder built as a megatron-core GPTModel (student or teacher)."""
+
+    num_layers: int = 2
+    """Transformer layers. Must divide by the pipeline-parallel size."""
+
+    hidden_size: int = 64
+    """Width of the residual stream."""
+
+    num_attention_heads: int = 4
+    """Query heads. Must divide by the tensor-parallel size."""
+
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; null means one per query head (MHA)."""
+
+    ffn_hidden_size: Optional[int] = None
+    """MLP width (per gate for SwiGLU); null means 4 x hidden_size."""
+
+    kv_channels: Optional[int] = None
+    """Head dimension; null means hidden_size / num_attention_heads."""
+
+    vocab_size: int = 256
+    """Tokens the tokenizer can produce. The embedding is padded (see make_vocab_size_divisible_by)."""
+
+    make_vocab_size_divisible_by: int = 128
+    """The embedding has ceil(vocab_size / (this x TP)) x (this x TP) rows, as in Megatron-LM;
+    the padded rows are never sampled and are excluded from every loss."""
+
+    max_position_embeddings: int = 4096
+    """Longest sequence (context + prompt + response) the model accepts."""
+
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm of each block and of the final layer."""
+
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP activation: SwiGLU (Llama/Qwen) or GELU."""
+
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    """Rotary (Llama/Qwen) or learned absolute positions."""
+
+    rotary_base: int = 10000
+    """RoPE theta (Llama 3: 500000; Qwen2/3: 1000000)."""
+
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions that is rotated."""
+
+    rope_scaling: bool = False
+    """Llama 3.1/3.2 frequency scaling of RoPE (factor/low/high/original below)."""
+
+    rope_scaling_factor: float = 8.0
+    """Llama 3.x rope scaling factor (3.1: 8, 3.2: 32)."""
+
+    rope_low_freq_factor: float = 1.0
+    """Llama 3.x rope scaling low_freq_factor."""
+
+    rope_high_freq_factor: float = 4.0
+    """Llama 3.x rope scaling high_freq_factor."""
+
+    rope_original_max_position_embeddings: int = 8192
+    """Llama 3.x rope scaling original_max_position_embeddings."""
+
+    add_qkv_bias: bool = False
+    """Bias on the query/key/value projection (Qwen2/2.5)."""
+
+    add_bias_linear: bool = False
+    """Bias on the other linear layers (none in Llama/Qwen)."""
+
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3)."""
+
+    tie_embeddings: bool = True
+    """Share the input embedding and the output layer (small Llama/Qwen models)."""
+
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the parameters and activations. fp32 on CPU; bf16 on GPUs."""
+
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer spec: megatron-core's local modules, or Transformer Engine's (GPU only)."""
+
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 format for Transformer Engine layers; null disables FP8. Needs transformer_impl=transformer_engine."""
+
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """FP8 scaling recipe: delayed (amax history) or tensorwise (current scaling), mxfp8 (Blackwell), blockwise."""
+
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: length of the amax history window."""
+
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """Delayed scaling: how the scale is derived from the amax history."""
+
+    init_method_std: float = 0.02
+    """Standard deviation of the random initialisation (used when no checkpoint is loaded)."""
+
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (0 for distillation)."""
+
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches (0 for distillation)."""
+
+    def __post_init__(self):
+        positive = ["num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_query_groups is not None:
+            if self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups:
+                raise ConfigError(
+                    f"model.num_query_groups={self.num_query_groups} must divide "
+                    f"model.num_attention_heads={self.num_attention_heads}"
+                )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}; set model.kv_channels (head dimension) explicitly"
+            )
+        if self.make_vocab_size_divisible_by <= 0:
+            raise ConfigError("model.make_vocab_size_divisible_by must be positive (128 is Megatron's default)")
+        if self.fp8 is not None and self.transformer_impl != "transformer_engine":
+            raise ConfigError(
+                f"model.fp8={self.fp8!r} needs model.transformer_impl=transformer_engine (FP8 runs in TE layers)"
+            )
+        if not 0.0 <= self.attention_dropout < 1.0 or not 0.0 <= self.hidden_dropout < 1.0:
+            raise ConfigError("model.attention_dropout and model.hidden_dropout must be in [0, 1)")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Rows of the (TP-sharded) embedding: a multiple of make_vocab_size_divisible_by x TP."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype]
+
+    def check_parallel(self, parallel: "ParallelConfig", role: str = "model") -> None:
+        """Reject splits this model cannot take; `role` names the config section in messages."""
+        tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+        if self.num_attention_heads % tp:
+            raise ConfigError(
+                f"{role}.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"parallel.tensor_model_parallel_size={tp}; choose a TP size that divides it"
+            )
+        if self.query_groups % tp:
+            raise ConfigError(
+                f"{role}.num_query_groups={self.query_groups} is not divisible by "
+                f"parallel.tensor_model_parallel_size={tp}; choose a TP size that divides it"
+            )
+        if self.num_layers % pp:
+            raise ConfigError(
+                f"{role}.num_layers={self.num_layers} is not divisible by "
+                f"parallel.pipeline_model_parallel_size={pp}; choose a PP size that divides it"
+            )
+        if self.ffn_size % tp:
+            raise ConfigError(
+                f"{role}.ffn_hidden_size={self.ffn_size} is not divisible by "
+                f"parallel.tensor_model_parallel_size={tp}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# The parallel layout
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks of the job are split. Data parallelism takes what TP x PP leaves."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each layer's weights (and the vocabulary)."""
+
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the stack of layers into stages."""
+
+    sequence_parallel: bool = False
+    """Split norms and dropout along the sequence across the TP ranks (needs TP > 1)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (megatron-core's distributed optimizer)."""
+
+    backend: Optional[Literal["nccl", "gloo"]] = None
+    """torch.distributed backend; null picks nccl with CUDA, gloo without."""
+
+    distributed_timeout_minutes: int = 10
+    """A collective that waits longer than this fails instead of hanging (e.g. a rank died)."""
+
+    seed: int = 1234
+    """Base seed for the model-parallel RNG states (megatron's model_parallel_cuda_manual_seed)."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1; "
+                "set sequence_parallel=false or raise TP"
+            )
+
+    def check_world_size(self, world_size: int) -> None:
+        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+                f"pipeline_model_parallel_size = {self.tensor_model_parallel_size} x "
+                f"{self.pipeline_model_parallel_size}; launch a multiple of {mp} ranks"
+            )
+
+
+def check_runtime(model: ModelConfig, role: str = "model") -> None:
+    """Reject options this machine cannot run (TE/FP8 without a GPU), with the reason."""
+    if model.transformer_impl == "transformer_engine":
+        from megatron_opcd.compat.optional import transformer_engine_status
+
+        ok, why = transformer_engine_status()
+        if not ok:
+            raise ConfigError(
+                f"{role}.transformer_impl=transformer_engine cannot run here: {why}; "
+                f"set {role}.transformer_impl=local (and {role}.fp8=null) on this machine"
+            )
+    if model.fp8 is not None:
+        from megatron_opcd.compat.optional import fp8_status
+
+        ok, why = fp8_status()
+        if not ok:
+            raise ConfigError(f"{role}.fp8={model.fp8!r} cannot run here: {why}; set {role}.fp8=null")
+    if model.params_dtype != "fp32":
+        import torch
+
+        if not torch.cuda.is_available() and model.params_dtype == "fp16":
+            raise ConfigError(f"{role}.params_dtype=fp16 is not supported on CPU; use fp32 or bf16")
+
+
+# Sections of the full configuration, by name. The trainer modules register theirs here.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig}
+
+
+def register_section(name: str, cls: type) -> type:
+    SECTIONS[name] = cls
+    return cls
+
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ParallelConfig",
+    "apply_overrides",
+    "check_runtime",
+    "from_dict",
+    "load_yaml",
+    "parse_override",
+    "register_section",
+    "to_dict",
+    "field",
+]

@@ -1,0 +1,190 @@
+"""Build the student and the teacher as megatron-core GPTModels from a `ModelConfig`.
+
+One pipeline stage per rank (no virtual pipeline): `build_model` returns this rank's stage.
+The teacher is frozen: eval mode, `requires_grad=False`, never given to an optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_opcd.config import ConfigError, ModelConfig, ParallelConfig, check_runtime
+from megatron_opcd.models.sharding import layout_invariant_init_
+from megatron_opcd.models.spec import fp8_kwargs, layer_spec
+from megatron_opcd.parallel import ParallelGroups
+
+
+def transformer_config(model: ModelConfig, groups: ParallelGroups):
+    """megatron-core's TransformerConfig for `model` under this process's layout."""
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = model.torch_dtype
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_size,
+        kv_channels=model.head_dim,
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        sequence_parallel=groups.sequence_parallel,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Weights are initialised on the CPU from the full tensor (layout-invariant, see sharding.py)
+        # and copied to the device; checkpoints overwrite them.
+        use_cpu_initialization=True,
+        # The fused kernels below need CUDA (and apex/TE); torch implementations otherwise.
+        bias_activation_fusion=on_gpu and model.transformer_impl == "transformer_engine",
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        attention_backend=AttnBackend.auto if model.transformer_impl == "transformer_engine" else AttnBackend.local,
+        # Prompt and response lengths change from batch to batch: let the pipeline send shapes.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # only so the config accepts variable_seq_lengths (no MoE here)
+        **fp8_kwargs(model),
+    )
+
+
+def build_model(
+    model_config: ModelConfig,
+    role: Literal["student", "teacher"] = "student",
+    *,
+    groups: Optional[ParallelGroups] = None,
+    seed: int = 1234,
+    init: bool = True,
+):
+    """This rank's pipeline stage of a megatron-core GPTModel for `model_config`.
+
+    `groups` defaults to the ones of `megatron_opcd.parallel.initialize()` (which must have run).
+    With `init`, parameters get the layout-invariant random initialisation for `seed`; a
+    checkpoint load overwrites them. The teacher comes back frozen.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_opcd import parallel
+
+    if role not in ("student", "teacher"):
+        raise ConfigError(f"role must be 'student' or 'teacher', got {role!r}")
+    groups = groups or parallel.groups()
+    model_config.check_parallel(
+        ParallelConfig(
+            tensor_model_parallel_size=groups.tp_size,
+            pipeline_model_parallel_size=groups.pp_size,
+            sequence_parallel=groups.sequence_parallel,
+        ),
+        role="model" if role == "student" else "teacher",
+    )
+    check_runtime(model_config, role="model" if role == "student" else "teacher")
+    config = transformer_config(model_config, groups)
+    spec = layer_spec(
+        model_config,
+        sequence_parallel=groups.sequence_parallel,
+        num_layers_in_stage=model_config.num_layers // groups.pp_size,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=model_config.padded_vocab_size(groups.tp_size),
+        max_sequence_length=model_config.max_position_embeddings,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model_config.tie_embeddings,
+        position_embedding_type=model_config.position_embedding_type,
+        rotary_percent=model_config.rotary_percent,
+        rotary_base=model_config.rotary_base,
+        rope_scaling=model_config.rope_scaling,
+        rope_scaling_factor=model_config.rope_scaling_factor,
+        pg_collection=groups.pg_collection,
+    )
+    _apply_rope_scaling_details(model, model_config)
+    if torch.cuda.is_available():
+        model = model.cuda(torch.cuda.current_device())
+    model.opcd_config = model_config  # what the model was built from (checkpoints and tools read it)
+    model.opcd_role = role
+    if init:
+        layout_invariant_init_(
+            model,
+            seed=seed,
+            std=model_config.init_method_std,
+            num_layers=model_config.num_layers,
+            vocab_size=model_config.vocab_size,
+            tp_rank=groups.tp_rank,
+            tp_size=groups.tp_size,
+            tied_embeddings=model_config.tie_embeddings,
+        )
+    if role == "teacher":
+        freeze(model)
+    return model
+
+
+def _apply_rope_scaling_details(model, cfg: ModelConfig) -> None:
+    """GPTModel exposes only Llama 3's scaling factor; the other three parameters are fixed at
+    (1, 4, 8192) there. Recompute the frequencies when a config differs."""
+    if not cfg.rope_scaling or (
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_original_max_position_embeddings,
+    ) == (1.0, 4.0, 8192):
+        return
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        return
+    dim = rope.inv_freq.numel() * 2
+    base = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base,
+        factor=cfg.rope_scaling_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+    )
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Teacher mode: no gradients, eval mode (no dropout), never trained."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.opcd_frozen = True
+    return model
+
+
+def check_same_vocabulary(student: ModelConfig, teacher: ModelConfig) -> None:
+    """Distillation compares the two models' distributions token by token: same vocabulary."""
+    if student.vocab_size != teacher.vocab_size:
+        raise ConfigError(
+            f"teacher.vocab_size={teacher.vocab_size} differs from model.vocab_size={student.vocab_size}; "
+            "the teacher and the student must share one tokenizer and vocabulary"
+        )
+
+
+def build_models(student_config: ModelConfig, teacher_config: ModelConfig, *, groups=None,
+                 seed: int = 1234, teacher_seed: Optional[int] = None, init: bool = True):
+    """(student, teacher) for this rank, after checking that they share a vocabulary."""
+    check_same_vocabulary(student_config, teacher_config)
+    student = build_model(student_config, "student", groups=groups, seed=seed, init=init)
+    teacher = build_model(teacher_config, "teacher", groups=groups,
+                          seed=seed if teacher_seed is None else teacher_seed, init=init)
+    return student, teacher

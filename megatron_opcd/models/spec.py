@@ -1,0 +1,60 @@
+"""Layer specs: Transformer Engine's where it can run and is asked for, megatron-core's local
+modules otherwise. Asking for TE or FP8 where it cannot run is a `ConfigError` (raised by
+`config.check_runtime` before anything is built), never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_opcd.config import ModelConfig
+
+
+class SequenceParallelTorchNorm:
+    """torch's LayerNorm/RMSNorm with its parameters marked `sequence_parallel`.
+
+    megatron-core's local spec uses `WrappedTorchNorm`, which asserts `not sequence_parallel`
+    (transformer/torch_norm.py). With sequence parallelism each TP rank normalises its own slice of
+    the sequence, so the norm's weight gradient is partial on every rank; marking the parameters
+    lets `finalize_model_grads` sum them across the TP group, as it does for TE's norms.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+        return norm
+
+
+def layer_spec(model: ModelConfig, *, sequence_parallel: bool, num_layers_in_stage: int):
+    """The spec GPTModel is built from: a ModuleSpec (TE) or TransformerBlockSubmodules (local)."""
+    if model.transformer_impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        # TE's fused LayerNormLinear handles sequence parallelism and FP8 itself.
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
+    if not sequence_parallel:
+        return spec
+    sub = spec.submodules
+    sub.input_layernorm = SequenceParallelTorchNorm
+    sub.pre_mlp_layernorm = SequenceParallelTorchNorm
+    # The final norm comes from the block's submodules, not the layer spec: pass it explicitly.
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers_in_stage, layer_norm=SequenceParallelTorchNorm)
+
+
+def fp8_kwargs(model: ModelConfig) -> dict:
+    """TransformerConfig's FP8 options for `model` (empty when FP8 is off)."""
+    if model.fp8 is None:
+        return {}
+    return {
+        "fp8": model.fp8,
+        "fp8_recipe": model.fp8_recipe,
+        "fp8_amax_history_len": model.fp8_amax_history_len,
+        "fp8_amax_compute_algo": model.fp8_amax_compute_algo,
+    }

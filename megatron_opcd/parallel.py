@@ -1,0 +1,162 @@
+"""The only module that touches megatron.core.parallel_state.
+
+`initialize()` starts torch.distributed (NCCL with CUDA, gloo without), megatron's parallel state
+for TP / PP / DP (and sequence parallelism, which is a model option), seeds the model-parallel
+RNG states, and returns a `ParallelGroups`: the explicit process groups and ranks that the rest
+of the code takes as arguments (STYLE habit 1). `destroy()` tears it all down.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opcd.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Process groups and ranks of this process. A group is None where its size is 1 and no
+    process group exists (single-process use without torch.distributed)."""
+
+    tp_group: Optional[dist.ProcessGroup]
+    pp_group: Optional[dist.ProcessGroup]
+    dp_group: Optional[dist.ProcessGroup]
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    sequence_parallel: bool
+    pp_first_global_rank: int
+    pp_last_global_rank: int
+    pg_collection: object = None
+    """megatron.core.process_groups_config.ProcessGroupCollection of the same groups."""
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def tp_src_global_rank(self) -> int:
+        """Global rank of TP rank 0 of this rank's TP group (for broadcasts of decisions)."""
+        if self.tp_group is None:
+            return dist.get_rank() if dist.is_initialized() else 0
+        return dist.get_global_rank(self.tp_group, 0)
+
+
+_GROUPS: Optional[ParallelGroups] = None
+
+
+def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = None) -> ParallelGroups:
+    """Initialise torch.distributed and megatron's parallel state from the launcher's environment
+    (torchrun / srun / `megatron_opcd.launcher` set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+    Without those variables, a single process group of size 1 is created on a free local port, so
+    single-process tools and tests use the same code path as multi-rank runs.
+    """
+    global _GROUPS
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_opcd.compat import apply_cpu_patches
+
+    parallel = parallel or ParallelConfig()
+    apply_cpu_patches()  # no-op with CUDA
+    if not dist.is_initialized():
+        _init_process_group(parallel)
+    world = dist.get_world_size()
+    parallel.check_world_size(world)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
+        # gloo groups are only needed by the distributed optimizer's CPU-side checkpointing.
+        create_gloo_process_groups=parallel.use_distributed_optimizer,
+    )
+    base_seed = parallel.seed if seed is None else seed
+    tensor_parallel.model_parallel_cuda_manual_seed(base_seed, force_reset_rng=True)
+    _GROUPS = _collect(parallel)
+    return _GROUPS
+
+
+def _init_process_group(parallel: ParallelConfig) -> None:
+    backend = parallel.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA; use parallel.backend=gloo (or null) on CPU")
+    if "RANK" not in os.environ:
+        # A single process without a launcher: a group of one.
+        from megatron_opcd.launcher import free_port
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(
+        backend=backend,
+        timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
+    )
+
+
+def _collect(parallel: ParallelConfig) -> ParallelGroups:
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ParallelGroups(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        sequence_parallel=parallel.sequence_parallel,
+        pp_first_global_rank=ps.get_pipeline_model_parallel_first_rank(),
+        pp_last_global_rank=ps.get_pipeline_model_parallel_last_rank(),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+
+
+def groups() -> ParallelGroups:
+    """The groups of the current `initialize()`."""
+    if _GROUPS is None:
+        raise RuntimeError("megatron_opcd.parallel.initialize() has not been called in this process")
+    return _GROUPS
+
+
+def is_initialized() -> bool:
+    return _GROUPS is not None
+
+
+def destroy() -> None:
+    """Tear down megatron's parallel state and torch.distributed."""
+    global _GROUPS
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _GROUPS = None
+
+
+def get_forward_backward_func():
+    """megatron-core's pipeline schedule for the current layout (no pipelining when PP = 1)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func as _get
+
+    return _get()
+

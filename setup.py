@@ -1,0 +1,46 @@
+"""megatron-opcd: On-Policy Context Distillation on NVIDIA megatron-core.
+
+Installing on a CPU machine must never pull a CUDA build of torch: install the CPU wheel first
+(`pip install torch==2.13.0`, see the Makefile), then this package. torch is declared as a range
+that the CPU wheel satisfies, so pip installs nothing more for it.
+"""
+
+from setuptools import find_packages, setup
+
+# megatron-core 0.16.1 is the newest release that installs on Python 3.11 and imports without
+# triton (0.17+ declare Python >= 3.12; 0.18+ import triton from pipeline_parallel). psutil and
+# tqdm are needed by megatron-core without being declared: without psutil, dist_checkpointing.save
+# hangs forever in its forked writers.
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "megatron-core==0.16.1",
+    "numpy",
+    "psutil",
+    "tqdm",
+    "sentencepiece",
+    "PyYAML",
+]
+
+EXTRAS = {
+    # GPU hosts only. apex is built from source there (see README, "GPU hosts"); never depend on
+    # PyPI's unrelated `apex` package.
+    "gpu": ["transformer-engine[pytorch]"],
+    "hf": ["transformers>=4.51", "safetensors", "protobuf", "gguf"],
+    "nemo": ["nemo-run==0.11.1", "leptonai==0.27.3"],
+    "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "protobuf", "gguf"],
+    "plot": ["matplotlib"],
+}
+
+setup(
+    name="megatron-opcd",
+    version="0.1.0",
+    description="On-Policy Context Distillation (OPCD) on NVIDIA megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_opcd", "megatron_opcd.*"]),
+    package_data={"megatron_opcd": ["prompts/*.txt", "demo/*.txt", "demo/*.jsonl"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["opcd-train=megatron_opcd.train:main", "opcd-generate=megatron_opcd.generate:main"]},
+)

@@ -14,6 +14,7 @@ measured 15x slower), under a deadline: a rank that hangs dumps its Python stack
 from __future__ import annotations
 
 import faulthandler
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -60,7 +61,11 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, threads, timeout, resul
     faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=True)
     try:
         out = fn(*args, **kwargs)
-        results.put((rank, True, out))
+        # Serialise here: a queued tensor would be shared through a file descriptor that dies
+        # with this process before the parent reads it.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -147,7 +152,9 @@ def run_on_ranks(
             p.join()
     if errors:
         raise RanksFailed("\n".join(errors))
-    return [got[r][1] for r in range(world_size)]
+    import torch
+
+    return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(world_size)]
 
 
 if __name__ == "__main__":  # pragma: no cover - manual smoke check

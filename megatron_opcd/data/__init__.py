@@ -1,0 +1,1 @@
+"""Prompts, contexts, chat templates and teacher/student packing."""

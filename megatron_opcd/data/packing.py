@@ -1,0 +1,122 @@
+"""Right-padded [prompt; response] batches and the response-aligned view of their logits.
+
+The teacher sees [context; prompt; response], the student [prompt; response]. Both are packed
+with this one function, so the logits that predict response token t of sequence i sit at row t,
+column i of the aligned tensor `[R, b, v/tp]` for both models, whatever the prompt, context and
+padding lengths. The loss then compares the two aligned tensors position by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor
+    """[b, S] int64, right-padded with `pad_id`."""
+
+    position_ids: torch.Tensor
+    """[b, S] int64, starting at `position_offset` (the length of a cached shared prefix)."""
+
+    attention_mask: torch.Tensor
+    """[b, 1, S, S] bool, megatron's convention (True = masked): causal and padding."""
+
+    lengths: torch.Tensor
+    """[b] int64, real tokens per row."""
+
+    response_index: torch.Tensor
+    """[R, b] int64: position whose output predicts response token t (0 where masked)."""
+
+    response_mask: torch.Tensor
+    """[R, b] float32: 1 for real response tokens."""
+
+    response_tokens: torch.Tensor
+    """[R, b] int64: the response tokens (pad where masked)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens.shape[1]
+
+
+def causal_padding_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[b, 1, S, S] bool, True = masked: future positions, and keys past a row's length.
+
+    Query rows past a row's length attend to position 0 only, which keeps their softmax finite
+    (their outputs are never used).
+    """
+    causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)  # [S, S]
+    key_pad = torch.arange(seq_len)[None, :] >= lengths[:, None]  # [b, S]
+    mask = causal[None] | key_pad[:, None, :]  # [b, S, S]
+    mask[:, :, 0] = False
+    return mask[:, None]
+
+
+def pack(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+    position_offset: int = 0,
+    pad_to_multiple: int = 1,
+) -> PackedBatch:
+    """Pack `prompt_i + response_i` rows. Every prompt needs at least one token (the response's
+    first token is predicted by the prompt's last position), unless `position_offset` > 0, i.e.
+    a cached prefix precedes the row: then the prefix's last position predicts it (index -1,
+    see `gather_response`)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    b = len(prompts)
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    seq = max(1, int(lengths.max()))
+    seq = -(-seq // pad_to_multiple) * pad_to_multiple
+    tokens = torch.full((b, seq), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    r_max = max(1, max(len(r) for r in responses))
+    index = torch.zeros(r_max, b, dtype=torch.long)
+    mask = torch.zeros(r_max, b, dtype=torch.float32)
+    resp = torch.full((r_max, b), pad_id, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if not r:
+            continue
+        if len(p) == 0 and position_offset == 0:
+            raise ValueError(f"row {i} has an empty prompt and no cached prefix: nothing predicts its first token")
+        n = len(r)
+        index[:n, i] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        mask[:n, i] = 1.0
+        resp[:n, i] = torch.tensor(list(r), dtype=torch.long)
+    positions = torch.arange(seq)[None].expand(b, seq) + position_offset
+    return PackedBatch(
+        tokens=tokens,
+        position_ids=positions.contiguous(),
+        attention_mask=causal_padding_mask(lengths, seq),
+        lengths=lengths,
+        response_index=index,
+        response_mask=mask,
+        response_tokens=resp,
+    )
+
+
+def gather_response(logits_bsv: torch.Tensor, packed: PackedBatch, prefix_last: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, S, v] logits -> [R, b, v] aligned to the response tokens (rows past a response's end
+    hold the position-0 logits and are masked by `packed.response_mask`).
+
+    Index -1 (empty prompt after a cached prefix) takes `prefix_last` ([b, v] or [1, v]), the
+    logits of the prefix's last position."""
+    b, _, v = logits_bsv.shape
+    idx = packed.response_index.to(logits_bsv.device)  # [R, b]
+    safe = idx.clamp(min=0)
+    # Advanced indexing allocates only the [R, b, v] result (a gather index would be as large).
+    out = logits_bsv[torch.arange(b, device=idx.device)[None, :], safe]  # [R, b, v]
+    if prefix_last is not None and bool((idx < 0).any()):
+        out = torch.where((idx < 0)[:, :, None], prefix_last.expand(b, v)[None], out)
+    return out.contiguous()

@@ -1,0 +1,346 @@
+"""`vocab_parallel_divergence`: per-token KL / JSD between a student and a teacher whose logits are
+sharded over the vocabulary across tensor-parallel ranks, without gathering the vocabulary.
+
+One `torch.autograd.Function` does all the communication in its forward; its backward is local
+(STYLE habit 2, after megatron/core/tensor_parallel/cross_entropy.py). Per chunk of tokens:
+
+* exact (`topk=None`): pass 1 reduces each shard to log-sum-exp partials (max, sum exp) and
+  all-gathers them (one collective for both models); pass 2 sums the divergence terms over the
+  shard and all-gathers the per-row partial sums. The log-sum-exp partials are merged with the
+  online-softmax rule rather than megatron's all-reduce MAX then SUM: one pass over the shard
+  instead of two, and one collective instead of two.
+* top-k: one pass per model gives the log-sum-exp partials and the shard's local top-k; one
+  all-gather carries both (k candidates per rank, small); every rank then selects the same global
+  top-k (ties: lower global index), and one all-reduce assembles both models' logits at those k
+  (or 2k for the union) indices. The divergence itself is then computed on `[c, K]` tensors.
+
+All reductions of gathered data happen locally in rank order, so every rank returns bitwise the
+same values. The backward recomputes each chunk from the saved logits and per-token scalars: no
+`[T, v/tp]` intermediate is saved, and a chunk needs at most two fp32 `[c, v/tp]` buffers (jsd's
+exact forward, three). The math lives in `megatron_opcd.losses.math`.
+"""
+
+from __future__ import annotations
+
+import math as _math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opcd.losses import math as M
+
+TOPK_FROM = ("student", "teacher", "union")
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """What to compute; validated on construction. Field meanings: `vocab_parallel_divergence`."""
+
+    kind: str = "reverse_kl"
+    topk: Optional[int] = 256
+    topk_from: str = "student"
+    renormalize: bool = False
+    temperature: float = 1.0
+    beta: float = 0.5
+    chunk_tokens: int = 1024
+    vocab_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in M.KINDS:
+            raise ValueError(f"kind={self.kind!r}: use one of {M.KINDS}")
+        if self.topk is not None and (isinstance(self.topk, bool) or int(self.topk) != self.topk or self.topk < 1):
+            raise ValueError(f"topk={self.topk!r}: use a positive integer, or None for the exact divergence")
+        if self.topk_from not in TOPK_FROM:
+            raise ValueError(f"topk_from={self.topk_from!r}: use one of {TOPK_FROM}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r}: use a positive number (1.0 = no scaling)")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta={self.beta!r}: the jsd weight must lie in [0, 1]")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens!r}: use a positive number of tokens per chunk")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size={self.vocab_size!r}: use the true (unpadded) vocabulary size, or None")
+
+    @property
+    def resolved_kind(self) -> str:
+        """TRL's convention: the generalised JSD is identically zero at beta = 0 and 1, which name
+        forward KL and reverse KL instead."""
+        if self.kind == "jsd" and self.beta == 0.0:
+            return "forward_kl"
+        if self.kind == "jsd" and self.beta == 1.0:
+            return "reverse_kl"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This rank's slice of the (padded) vocabulary: columns [start, start + v_local) globally,
+    of which the first `n_valid` are real tokens (global index < the true vocabulary size)."""
+
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    size: int
+    v_local: int
+    start: int
+    n_valid: int
+    vocab_size: int
+
+    @staticmethod
+    def of(v_local: int, group, vocab_size: Optional[int]) -> "_Shard":
+        size = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        padded = v_local * size
+        true_v = padded if vocab_size is None else vocab_size
+        if true_v > padded:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the padded vocabulary {size} x {v_local} = {padded}")
+        start = rank * v_local
+        n_valid = max(0, min(v_local, true_v - start))
+        return _Shard(group if size > 1 else None, rank, size, v_local, start, n_valid, true_v)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """`[tp, *t.shape]`, every rank's `t` in rank order."""
+        if self.group is None:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(out, t.contiguous(), group=self.group)
+        return torch.stack(out)
+
+    def all_reduce_owned(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of tensors in which each entry is nonzero on at most one rank: exact in any order."""
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+
+def _scaled_fp32(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`z / temperature` in a fresh contiguous fp32 buffer (callers overwrite it in place)."""
+    x = z.to(torch.float32, copy=True)  # copy even for fp32 input: the caller's logits stay intact
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact path
+# ------------------------------------------------------------------------------------------------
+
+
+def _lse_both(zs, zt, spec: DivergenceSpec, shard: _Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary log-normalisers `[c]` (fp64) of both models' scaled logits."""
+    parts = []
+    for z in (zs, zt):
+        x = _scaled_fp32(z[:, : shard.n_valid], spec.temperature)  # [c, n_valid]: one live buffer
+        parts += list(M.lse_partials(x))
+        del x  # freed before the teacher's buffer is allocated
+    g = shard.all_gather(torch.stack(parts, dim=-1).double())  # [tp, c, 4]
+    return M.merge_lse(g[..., 0], g[..., 1]), M.merge_lse(g[..., 2], g[..., 3])
+
+
+def _log_probs(z, log_z, spec, shard) -> torch.Tensor:
+    """fp32 `[c, n_valid]` log-probabilities of this shard's valid columns (a fresh buffer)."""
+    return _scaled_fp32(z[:, : shard.n_valid], spec.temperature).sub_(log_z.float().unsqueeze(-1))
+
+
+def _exact_forward_chunk(zs, zt, spec, shard):
+    kind = spec.resolved_kind
+    log_zs, log_zt = _lse_both(zs, zt, spec, shard)
+    ls, lt = _log_probs(zs, log_zs, spec, shard), _log_probs(zt, log_zt, spec, shard)
+    value, g_sum = M.exact_chunk_value(kind, ls, lt, spec.beta)
+    del ls, lt
+    sums = shard.all_gather(torch.stack([value, g_sum], dim=-1).double()).sum(dim=0)  # [c, 2]
+    return sums[:, 0], (log_zs, log_zt, sums[:, 0], sums[:, 1])
+
+
+def _exact_backward_chunk(zs, zt, saved, scale, spec, shard, out):
+    """Writes dL/dz_s for this chunk into `out` `[c, v/tp]`; `scale` `[c]` = grad_out / T."""
+    log_zs, log_zt, value, g_sum = saved
+    ls, lt = _log_probs(zs, log_zs, spec, shard), _log_probs(zt, log_zt, spec, shard)
+    grad = M.exact_chunk_grad(spec.resolved_kind, ls, lt, value.float(), g_sum.float(), spec.beta)
+    out[:, : shard.n_valid] = grad.mul_(scale.unsqueeze(-1))  # in place: grad is a scratch buffer
+    out[:, shard.n_valid :] = 0  # vocabulary padding: not a token, no gradient
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-k path
+# ------------------------------------------------------------------------------------------------
+
+
+def _topk_index_set(zs, zt, spec, shard):
+    """One pass per model: log-normalisers `[c]` and the global index set I `[c, K]` + valid mask."""
+    k = min(spec.topk, shard.vocab_size)  # topk >= V is the exact divergence over I = everything
+    kc = min(k, shard.v_local)  # candidates per rank; the same on every rank (all_gather shapes)
+    rows = zs.shape[0]
+    wants = {"student": (True, False), "teacher": (False, True), "union": (True, True)}[spec.topk_from]
+    parts, cands = [], []
+    for z, want in zip((zs, zt), wants):
+        x = _scaled_fp32(z[:, : shard.n_valid], spec.temperature)  # [c, n_valid]: one live buffer
+        if want:
+            n = min(kc, x.shape[-1])
+            vals, idx = x.topk(n, dim=-1, sorted=False)  # [c, n]
+            if n < kc:
+                # A shard with fewer real tokens than kc (vocabulary padding): fill with -inf
+                # candidates at distinct out-of-vocabulary indices, never selected since k <= V.
+                fill = torch.arange(kc - n, device=x.device) + shard.v_local * shard.size + shard.rank * kc
+                vals = torch.cat([vals, vals.new_full((rows, kc - n), -_math.inf)], dim=-1)
+                idx = torch.cat([idx + shard.start, fill.expand(rows, -1)], dim=-1)
+            else:
+                idx = idx + shard.start
+            cands += [vals.double(), idx.double()]  # indices < 2**53: exact in fp64
+        m, s = M.lse_partials(x)
+        parts += [m.double().unsqueeze(-1), s.double().unsqueeze(-1)]
+        del x  # freed before the teacher's buffer is allocated
+    g = shard.all_gather(torch.cat(parts + cands, dim=-1))  # [tp, c, 4 + 2 kc (x2 for union)]
+    log_zs, log_zt = M.merge_lse(g[..., 0], g[..., 1]), M.merge_lse(g[..., 2], g[..., 3])
+    g = g[..., 4:].permute(1, 0, 2)  # [c, tp, 2 kc per wanted model]
+    chosen = []
+    for i in range(sum(wants)):
+        vals = g[..., 2 * i * kc : (2 * i + 1) * kc].reshape(rows, -1)  # [c, tp * kc]
+        idx = g[..., (2 * i + 1) * kc : (2 * i + 2) * kc].reshape(rows, -1).long()
+        chosen.append(M.select_topk(vals, idx, k))
+    if spec.topk_from == "union":
+        idx, valid = M.union_indices(*chosen)
+    else:
+        idx, valid = chosen[0], torch.ones_like(chosen[0], dtype=torch.bool)
+    return log_zs, log_zt, idx, valid
+
+
+def _local_columns(idx, shard):
+    """Which entries of `idx` `[c, K]` this rank owns, and their local column (clamped if not)."""
+    owned = (idx >= shard.start) & (idx < shard.start + shard.n_valid)
+    return owned, (idx - shard.start).clamp(0, shard.v_local - 1)
+
+
+def _topk_forward_chunk(zs, zt, spec, shard):
+    log_zs, log_zt, idx, valid = _topk_index_set(zs, zt, spec, shard)
+    owned, col = _local_columns(idx, shard)
+    owned &= valid
+    # Both models' scaled logits at I, assembled from their owners: [2, c, K] fp64.
+    at = torch.stack([_scaled_fp32(z.gather(-1, col), spec.temperature) for z in (zs, zt)]).double()
+    at = shard.all_reduce_owned(at.where(owned, 0.0))
+    ls, lt = at[0] - log_zs.unsqueeze(-1), at[1] - log_zt.unsqueeze(-1)  # [c, K] full-vocab log p
+    if spec.renormalize:
+        ls, lt = M.masked_log_normalize(ls, valid), M.masked_log_normalize(lt, valid)
+    kind = spec.resolved_kind
+    value = M.terms(kind, ls, lt, spec.beta).masked_fill(~valid, 0.0).sum(dim=-1)
+    coef_i, coef_full = M.logit_grad_coefficients(M.student_grad(kind, ls, lt, spec.beta), ls, valid, spec.renormalize)
+    return value, (log_zs, idx, coef_i, coef_full)
+
+
+def _topk_backward_chunk(zs, saved, scale, spec, shard, out):
+    """dL/dz_s = (coef_I scattered on I - coef_full p_s) * grad_out / T, written into `out`."""
+    log_zs, idx, coef_i, coef_full = saved
+    owned, col = _local_columns(idx, shard)
+    if spec.renormalize:
+        out.zero_()  # renormalised over I: no gradient outside I
+    else:
+        x = out[:, : shard.n_valid]
+        x.copy_(zs[:, : shard.n_valid])  # fp32 copy in the output buffer itself
+        if spec.temperature != 1.0:
+            x.div_(spec.temperature)
+        row = (-coef_full * scale).float().unsqueeze(-1)
+        x.sub_(log_zs.float().unsqueeze(-1)).exp_().mul_(row)  # -coef_full * scale * p_s, in place
+        out[:, shard.n_valid :] = 0  # vocabulary padding: not a token, no gradient
+    src = (coef_i * scale.unsqueeze(-1)).where(owned, 0.0).to(out.dtype)
+    out.scatter_add_(-1, col, src)
+
+
+# ------------------------------------------------------------------------------------------------
+# The autograd.Function and the public function
+# ------------------------------------------------------------------------------------------------
+
+
+class _VocabParallelDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, spec: DivergenceSpec, tp_group):
+        v_local = student_logits.shape[-1]
+        shard = _Shard.of(v_local, tp_group, spec.vocab_size)
+        zs = student_logits.detach().reshape(-1, v_local)  # [T, v/tp]; a view for contiguous input
+        zt = teacher_logits.detach().reshape(-1, v_local)
+        chunk = _exact_forward_chunk if spec.topk is None else _topk_forward_chunk
+        values, saved = [], []
+        for lo in range(0, zs.shape[0], spec.chunk_tokens):
+            hi = lo + spec.chunk_tokens
+            value, small = chunk(zs[lo:hi], zt[lo:hi], spec, shard)
+            values.append(value)
+            saved.append(small)
+        # Per-token tensors only ([T] or [T, K]); the logits themselves are saved by reference.
+        ctx.saved_small = [torch.cat(list(parts)) for parts in zip(*saved)] if saved else []
+        ctx.save_for_backward(zs, zt if spec.topk is None else None)
+        ctx.spec, ctx.shard, ctx.shape, ctx.dtype = spec, shard, student_logits.shape, student_logits.dtype
+        out = torch.cat(values) if values else zs.new_zeros(0, dtype=torch.float64)
+        return out.float().view(student_logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        zs, zt = ctx.saved_tensors
+        spec, shard = ctx.spec, ctx.shard
+        scale = grad_output.reshape(-1).double() / spec.temperature  # [T]; d a / d z = 1 / T
+        grad = torch.empty(zs.shape, dtype=ctx.dtype, device=zs.device)
+        for lo in range(0, zs.shape[0], spec.chunk_tokens):
+            hi = lo + spec.chunk_tokens
+            small = [t[lo:hi] for t in ctx.saved_small]
+            # fp32 gradients are written straight into `grad`; others go through one fp32 buffer.
+            out = grad[lo:hi] if grad.dtype == torch.float32 else torch.empty(grad[lo:hi].shape, dtype=torch.float32)
+            if spec.topk is None:
+                _exact_backward_chunk(zs[lo:hi], zt[lo:hi], small, scale[lo:hi], spec, shard, out)
+            else:
+                _topk_backward_chunk(zs[lo:hi], small, scale[lo:hi], spec, shard, out)
+            if out is not grad[lo:hi]:
+                grad[lo:hi].copy_(out)  # cast to the input dtype
+            del out
+        return grad.view(ctx.shape), None, None, None
+
+
+def vocab_parallel_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "reverse_kl",
+    topk: Optional[int] = 256,
+    topk_from: str = "student",
+    renormalize: bool = False,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    chunk_tokens: int = 1024,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Per-token divergence between student and teacher, reduced across tensor-parallel ranks.
+
+    Args:
+        student_logits: `[s, b, v/tp]` (any leading dims): this rank's vocabulary shard (global
+            columns `rank * v/tp ...`), fp32 or bf16; the math runs in fp32 (fp64 on `[., k]`).
+        teacher_logits: same shape; receives no gradient (it is treated as detached).
+        kind: `reverse_kl` = sum_i p_s (log p_s - log p_t), OPCD's loss; `forward_kl` =
+            sum_i p_t (log p_t - log p_s); `jsd` = beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
+            m = beta p_t + (1 - beta) p_s (TRL's generalised JSD; beta = 0 gives forward KL and
+            beta = 1 reverse KL, as in TRL, since the formula itself vanishes there).
+        topk: None for the exact divergence over the whole vocabulary; k to sum over an index set
+            I of k tokens per position chosen over the whole vocabulary (values above the
+            vocabulary size are clamped to it). p_s and p_t are still the full-vocabulary
+            softmaxes evaluated at I, so without `renormalize` the value is a partial sum (it can
+            be negative).
+        topk_from: I is the student's top-k (`student`, OPCD's default), the teacher's
+            (`teacher`), or their union (`union`, 1 to 2k tokens per position). Ties are broken
+            towards the lower global index.
+        renormalize: renormalise both distributions over I before the sum (a no-op for exact).
+        temperature: both logits are divided by it before the softmax.
+        beta: the jsd weight of the teacher in the mixture, in [0, 1].
+        tp_group: the tensor-parallel group over which the vocabulary is sharded; None = no TP.
+        chunk_tokens: tokens per chunk; bounds the extra memory to a few fp32 `[chunk, v/tp]`
+            buffers in forward and backward.
+        vocab_size: the true vocabulary size when the sharded vocabulary is padded; columns with
+            global index >= vocab_size are excluded (as if their logits were -inf).
+
+    Returns:
+        `[s, b]` fp32, the same on every rank of `tp_group`, differentiable w.r.t. `student_logits`.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "must have the same shape [s, b, v/tp]"
+        )
+    spec = DivergenceSpec(kind, topk, topk_from, renormalize, temperature, beta, chunk_tokens, vocab_size)
+    return _VocabParallelDivergence.apply(student_logits, teacher_logits, spec, tp_group)

@@ -1,0 +1,1 @@
+"""The OPCD training loop, its baselines, optimizer, checkpoints and logging."""

@@ -1,0 +1,90 @@
+"""megatron-core's training machinery, wired once: DDP wrapper, pipeline schedule, grad finalize.
+
+`wrap_ddp` puts a student stage in megatron's DistributedDataParallel (gradients in
+`param.main_grad`, buckets reduced over DP); `forward_backward` runs megatron's own
+forward-backward schedule (no pipelining at PP=1, 1F1B otherwise) with `finalize_model_grads`
+(DP all-reduce, TP all-reduce of sequence-parallel/QK-norm grads, tied-embedding sum across the
+first and last stages, division by the token count). The loss follows megatron's contract:
+`loss_func(output) -> (loss_sum, num_tokens, metrics)` with `calculate_per_token_loss=True`, so
+the schedule scales nothing and the division happens once, by the global token count.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from megatron_opcd.parallel import ParallelGroups
+
+
+def wrap_ddp(model, groups: ParallelGroups, *, use_distributed_optimizer: bool = False):
+    """megatron-core DistributedDataParallel around one model stage."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        # Overlap needs CUDA streams; on the CPU communication is synchronous anyway.
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    ddp = DistributedDataParallel(
+        config=model.config, ddp_config=ddp_config, module=model, pg_collection=groups.pg_collection
+    )
+    ddp.opcd_config = getattr(model, "opcd_config", None)
+    return ddp
+
+
+def configure_schedule(model_chunks: list, groups: ParallelGroups) -> None:
+    """Set the TransformerConfig hooks megatron's schedules read (once per model)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = model_chunks[0].config
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=groups.pg_collection)
+    if hasattr(model_chunks[0], "no_sync"):
+        config.no_sync_func = model_chunks[0].no_sync
+        config.grad_sync_func = None
+
+
+def forward_backward(
+    model,
+    forward_step_func: Callable,
+    microbatches: Iterable,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list:
+    """Run megatron's schedule over `microbatches`; return the per-microbatch metrics dicts
+    (on the last pipeline stage; empty lists elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    data_iterator: Iterator = iter(microbatches)
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def zero_grads(model) -> None:
+    """Clear gradients: megatron DDP's buffers, or plain `.grad` for an unwrapped model."""
+    if hasattr(model, "zero_grad_buffer"):
+        model.zero_grad_buffer()
+    else:
+        model.zero_grad(set_to_none=True)
+
+
+def main_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient megatron accumulated for `param` (DDP's main_grad, else .grad)."""
+    grad = getattr(param, "main_grad", None)
+    return grad if grad is not None else param.grad

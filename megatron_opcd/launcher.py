@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-_PRELOAD = ["torch", "megatron.core"]
+_PRELOAD = ["megatron_opcd.compat.quiet", "torch", "megatron.core"]
 
 
 class RanksFailed(RuntimeError):

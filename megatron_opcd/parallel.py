@@ -90,7 +90,29 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
     base_seed = parallel.seed if seed is None else seed
     tensor_parallel.model_parallel_cuda_manual_seed(base_seed, force_reset_rng=True)
     _GROUPS = _collect(parallel)
+    if dist.get_rank() == 0 and not _announced():
+        print(f"[megatron-opcd] {dist.get_world_size()} rank(s), backend {dist.get_backend()}, "
+              f"TP={_GROUPS.tp_size} PP={_GROUPS.pp_size} DP={_GROUPS.dp_size}; {_implementations()}", flush=True)
     return _GROUPS
+
+
+_ANNOUNCED = False
+
+
+def _announced() -> bool:
+    global _ANNOUNCED
+    seen, _ANNOUNCED = _ANNOUNCED, True
+    return seen or os.environ.get("OPCD_QUIET") == "1"
+
+
+def _implementations() -> str:
+    from megatron_opcd.compat.optional import apex_status, transformer_engine_status
+
+    if not torch.cuda.is_available():
+        return "CPU: megatron-core local layer spec, torch norms and optimizers (no Transformer Engine/apex/FP8)"
+    te, _ = transformer_engine_status()
+    apex, _ = apex_status()
+    return f"CUDA: Transformer Engine {'available' if te else 'missing'}, apex {'available' if apex else 'missing'}"
 
 
 def _init_process_group(parallel: ParallelConfig) -> None:

@@ -114,12 +114,30 @@ class _Shard:
         return t
 
 
-def _scaled_fp32(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`z / temperature` in a fresh contiguous fp32 buffer (callers overwrite it in place)."""
-    x = z.to(torch.float32, copy=True)  # copy even for fp32 input: the caller's logits stay intact
+def _fp32_copy(z: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous fp32 copy (callers overwrite it in place; the logits stay intact)."""
+    return z.to(torch.float32, copy=True)
+
+
+def _log_probs_into(x: torch.Tensor, z: torch.Tensor, log_z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`x <- z / T - log Z` (fp32 `[c, n]`), computed as `(z - T log Z) / T`: the shift comes before
+    the division so rounding is relative to the (small, for likely tokens) result, not to the raw
+    logit. `T log Z` is split into its fp32 value and the fp64 remainder, subtracted last."""
+    shift = log_z * temperature  # [c] fp64
+    hi = shift.float()
+    x.copy_(z).sub_(hi.unsqueeze(-1))  # in place: x is scratch (or the gradient buffer)
     if temperature != 1.0:
         x.div_(temperature)
-    return x
+    return x.sub_(((shift - hi.double()) / temperature).float().unsqueeze(-1))
+
+
+def _log_ratio(zs: torch.Tensor, zt: torch.Tensor, log_zs, log_zt, temperature: float) -> torch.Tensor:
+    """`d = log p_s - log p_t = (z_s - z_t) / T - (log Z_s - log Z_t)`, fp32 `[c, n]`, from the
+    logit difference rather than as a difference of two rounded log-probabilities."""
+    d = _fp32_copy(zt).neg_().add_(zs)  # in place on the fresh copy: z_s - z_t, one buffer
+    if temperature != 1.0:
+        d.div_(temperature)
+    return d.sub_((log_zs - log_zt).float().unsqueeze(-1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,34 +149,38 @@ def _lse_both(zs, zt, spec: DivergenceSpec, shard: _Shard) -> tuple[torch.Tensor
     """Full-vocabulary log-normalisers `[c]` (fp64) of both models' scaled logits."""
     parts = []
     for z in (zs, zt):
-        x = _scaled_fp32(z[:, : shard.n_valid], spec.temperature)  # [c, n_valid]: one live buffer
-        parts += list(M.lse_partials(x))
+        x = _fp32_copy(z[:, : shard.n_valid])  # [c, n_valid]: one live buffer
+        parts += list(M.lse_partials(x, spec.temperature))
         del x  # freed before the teacher's buffer is allocated
     g = shard.all_gather(torch.stack(parts, dim=-1).double())  # [tp, c, 4]
-    return M.merge_lse(g[..., 0], g[..., 1]), M.merge_lse(g[..., 2], g[..., 3])
+    T = spec.temperature
+    return M.merge_lse(g[..., 0], g[..., 1], T), M.merge_lse(g[..., 2], g[..., 3], T)
 
 
-def _log_probs(z, log_z, spec, shard) -> torch.Tensor:
-    """fp32 `[c, n_valid]` log-probabilities of this shard's valid columns (a fresh buffer)."""
-    return _scaled_fp32(z[:, : shard.n_valid], spec.temperature).sub_(log_z.float().unsqueeze(-1))
+def _exact_buffers(zs, zt, log_zs, log_zt, spec, shard, ls=None):
+    """`ls = log p_s` and `d = log p_s - log p_t` over this shard's valid columns, fp32 `[c, n]`."""
+    zs, zt = zs[:, : shard.n_valid], zt[:, : shard.n_valid]
+    ls = torch.empty(zs.shape, dtype=torch.float32, device=zs.device) if ls is None else ls
+    return _log_probs_into(ls, zs, log_zs, spec.temperature), _log_ratio(zs, zt, log_zs, log_zt, spec.temperature)
 
 
 def _exact_forward_chunk(zs, zt, spec, shard):
-    kind = spec.resolved_kind
     log_zs, log_zt = _lse_both(zs, zt, spec, shard)
-    ls, lt = _log_probs(zs, log_zs, spec, shard), _log_probs(zt, log_zt, spec, shard)
-    value, g_sum = M.exact_chunk_value(kind, ls, lt, spec.beta)
-    del ls, lt
-    sums = shard.all_gather(torch.stack([value, g_sum], dim=-1).double()).sum(dim=0)  # [c, 2]
+    ls, d = _exact_buffers(zs, zt, log_zs, log_zt, spec, shard)
+    value, g_sum = M.exact_chunk_value(spec.resolved_kind, ls, d, spec.beta)
+    del ls, d
+    sums = shard.all_gather(torch.stack([value, g_sum], dim=-1).double()).sum(dim=0)  # [c, 2], rank order
     return sums[:, 0], (log_zs, log_zt, sums[:, 0], sums[:, 1])
 
 
 def _exact_backward_chunk(zs, zt, saved, scale, spec, shard, out):
-    """Writes dL/dz_s for this chunk into `out` `[c, v/tp]`; `scale` `[c]` = grad_out / T."""
+    """Writes dL/dz_s for this chunk into `out` `[c, v/tp]` fp32; `scale` `[c]` = grad_out / T."""
     log_zs, log_zt, value, g_sum = saved
-    ls, lt = _log_probs(zs, log_zs, spec, shard), _log_probs(zt, log_zt, spec, shard)
-    grad = M.exact_chunk_grad(spec.resolved_kind, ls, lt, value.float(), g_sum.float(), spec.beta)
-    out[:, : shard.n_valid] = grad.mul_(scale.unsqueeze(-1))  # in place: grad is a scratch buffer
+    # ls lives in `out` itself: the gradient overwrites it, so only d is an extra buffer.
+    ls, d = _exact_buffers(zs, zt, log_zs, log_zt, spec, shard, ls=out[:, : shard.n_valid])
+    M.exact_chunk_grad(spec.resolved_kind, ls, d, value.float(), g_sum.float(), spec.beta)
+    del d
+    ls.mul_(scale.float().unsqueeze(-1))  # in place: ls now holds the gradient
     out[:, shard.n_valid :] = 0  # vocabulary padding: not a token, no gradient
 
 
@@ -175,8 +197,9 @@ def _topk_index_set(zs, zt, spec, shard):
     wants = {"student": (True, False), "teacher": (False, True), "union": (True, True)}[spec.topk_from]
     parts, cands = [], []
     for z, want in zip((zs, zt), wants):
-        x = _scaled_fp32(z[:, : shard.n_valid], spec.temperature)  # [c, n_valid]: one live buffer
+        x = _fp32_copy(z[:, : shard.n_valid])  # [c, n_valid]: one live buffer
         if want:
+            # Selected on the raw logits: dividing by T > 0 keeps the order and adds no rounding.
             n = min(kc, x.shape[-1])
             vals, idx = x.topk(n, dim=-1, sorted=False)  # [c, n]
             if n < kc:
@@ -188,11 +211,12 @@ def _topk_index_set(zs, zt, spec, shard):
             else:
                 idx = idx + shard.start
             cands += [vals.double(), idx.double()]  # indices < 2**53: exact in fp64
-        m, s = M.lse_partials(x)
+        m, s = M.lse_partials(x, spec.temperature)
         parts += [m.double().unsqueeze(-1), s.double().unsqueeze(-1)]
         del x  # freed before the teacher's buffer is allocated
     g = shard.all_gather(torch.cat(parts + cands, dim=-1))  # [tp, c, 4 + 2 kc (x2 for union)]
-    log_zs, log_zt = M.merge_lse(g[..., 0], g[..., 1]), M.merge_lse(g[..., 2], g[..., 3])
+    T = spec.temperature
+    log_zs, log_zt = M.merge_lse(g[..., 0], g[..., 1], T), M.merge_lse(g[..., 2], g[..., 3], T)
     g = g[..., 4:].permute(1, 0, 2)  # [c, tp, 2 kc per wanted model]
     chosen = []
     for i in range(sum(wants)):
@@ -216,9 +240,9 @@ def _topk_forward_chunk(zs, zt, spec, shard):
     log_zs, log_zt, idx, valid = _topk_index_set(zs, zt, spec, shard)
     owned, col = _local_columns(idx, shard)
     owned &= valid
-    # Both models' scaled logits at I, assembled from their owners: [2, c, K] fp64.
-    at = torch.stack([_scaled_fp32(z.gather(-1, col), spec.temperature) for z in (zs, zt)]).double()
-    at = shard.all_reduce_owned(at.where(owned, 0.0))
+    # Both models' logits at I, assembled from their owners: [2, c, K] fp64, then scaled in fp64.
+    at = torch.stack([z.gather(-1, col) for z in (zs, zt)]).double()
+    at = shard.all_reduce_owned(at.where(owned, 0.0)) / spec.temperature
     ls, lt = at[0] - log_zs.unsqueeze(-1), at[1] - log_zt.unsqueeze(-1)  # [c, K] full-vocab log p
     if spec.renormalize:
         ls, lt = M.masked_log_normalize(ls, valid), M.masked_log_normalize(lt, valid)
@@ -235,12 +259,9 @@ def _topk_backward_chunk(zs, saved, scale, spec, shard, out):
     if spec.renormalize:
         out.zero_()  # renormalised over I: no gradient outside I
     else:
-        x = out[:, : shard.n_valid]
-        x.copy_(zs[:, : shard.n_valid])  # fp32 copy in the output buffer itself
-        if spec.temperature != 1.0:
-            x.div_(spec.temperature)
-        row = (-coef_full * scale).float().unsqueeze(-1)
-        x.sub_(log_zs.float().unsqueeze(-1)).exp_().mul_(row)  # -coef_full * scale * p_s, in place
+        # log p_s computed in the output buffer itself, then exponentiated and scaled in place.
+        x = _log_probs_into(out[:, : shard.n_valid], zs[:, : shard.n_valid], log_zs, spec.temperature)
+        x.exp_().mul_((-coef_full * scale).float().unsqueeze(-1))  # -coef_full * scale * p_s
         out[:, shard.n_valid :] = 0  # vocabulary padding: not a token, no gradient
     src = (coef_i * scale.unsqueeze(-1)).where(owned, 0.0).to(out.dtype)
     out.scatter_add_(-1, col, src)

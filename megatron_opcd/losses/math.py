@@ -16,8 +16,8 @@ was normalised (`logit_grad_coefficients`). Two families of functions live here:
 * small-tensor functions (`terms`, `student_grad`, ...) for the top-k path, which works on
   `[c, K]` tensors gathered at the selected indices (K = k or 2k);
 * full-shard "chunk kernels" (`exact_chunk_value`, `exact_chunk_grad`) for the exact path. They
-  work on two fp32 `[c, v/tp]` buffers and overwrite them in place, so that the KLs never need a
-  third vocabulary-sized buffer (jsd's forward needs a transient third; docs/losses.md).
+  work on two fp32 `[c, v/tp]` buffers, `ls` and `d = ls - lt`, and overwrite them in place, so
+  that only jsd's forward needs a third vocabulary-sized buffer (docs/losses.md).
 
 The jsd convention is TRL's `generalized_jsd_loss` (GKD, Agarwal et al. 2024): beta weighs the
 teacher in the mixture; the formula is identically zero at beta = 0 and 1, where TRL (and this
@@ -38,29 +38,34 @@ KINDS = ("reverse_kl", "forward_kl", "jsd")
 # --------------------------------------------------------------------------------------------
 
 
-def lse_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(m, s)` with `m = max_j x_j` and `s = sum_j exp(x_j - m)` per row of `x` `[c, n]`.
+def lse_partials(z: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(m, s)` with `m = max_j z_j` and `s = sum_j exp((z_j - m) / T)` per row of `z` `[c, n]`.
 
-    Destroys `x` (it holds `exp(x - m)` afterwards): the caller's buffer is reused rather than a
-    second `[c, n]` one allocated. An empty shard (n = 0, a rank holding only vocabulary padding)
-    gives `m = -inf, s = 0`, the neutral element of `merge_lse`.
+    `z` is an fp32 scratch copy of the raw logits and is destroyed (it holds the exponentials
+    afterwards), so no second `[c, n]` buffer is needed. The maximum is subtracted before the
+    division by T: `z - m` is small for the tokens that matter, so rounding stays relative to it.
+    An empty shard (n = 0: a rank holding only vocabulary padding) gives `m = -inf, s = 0`, the
+    neutral element of `merge_lse`.
     """
-    if x.shape[-1] == 0:
-        return x.new_full(x.shape[:-1], -math.inf), x.new_zeros(x.shape[:-1])
-    m = x.amax(dim=-1)  # [c]
-    x.sub_(m.unsqueeze(-1)).exp_()  # in place: x is a scratch buffer the caller gave up
-    return m, x.sum(dim=-1)
+    if z.shape[-1] == 0:
+        return z.new_full(z.shape[:-1], -math.inf), z.new_zeros(z.shape[:-1])
+    m = z.amax(dim=-1)  # [c]
+    z.sub_(m.unsqueeze(-1))  # in place: z is the caller's scratch buffer
+    if temperature != 1.0:
+        z.div_(temperature)
+    return m, z.exp_().sum(dim=-1)
 
 
-def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp over the whole vocabulary from per-shard partials `m, s` `[tp, c]` -> `[c]`.
+def merge_lse(m: torch.Tensor, s: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log-sum-exp of `z / T` over the whole vocabulary from per-shard partials `m, s` `[tp, c]`.
 
-    The online-softmax merge: `log Z = M + log sum_r s_r exp(m_r - M)` with `M = max_r m_r`;
-    shards with `m_r = -inf` (no valid entries) contribute `0 * 0 = 0`.
+    The online-softmax merge, in fp64: `log Z = M / T + log sum_r s_r exp((m_r - M) / T)` with
+    `M = max_r m_r`; shards with `m_r = -inf` (no valid entries) contribute `0 * 0 = 0`.
     """
+    m, s = m.double(), s.double()
     big = m.amax(dim=0)  # [c]
-    scale = torch.exp(m - big)  # [tp, c]; exp(-inf) = 0 for empty shards
-    return big + torch.log((s * scale).sum(dim=0))
+    scale = torch.exp((m - big) / temperature)  # [tp, c]; exp(-inf) = 0 for empty shards
+    return big / temperature + torch.log((s * scale).sum(dim=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,76 +158,83 @@ def logit_grad_coefficients(
 
 
 # --------------------------------------------------------------------------------------------
-# Full-shard chunk kernels (exact path). ls, lt: fp32 [c, n] buffers, overwritten in place.
+# Full-shard chunk kernels (exact path). ls, d: fp32 [c, n] buffers, overwritten in place.
 # --------------------------------------------------------------------------------------------
 
 
+ROWDOT_BLOCK = 4096
+"""Columns per block in `rowdot`: its fp64 temporaries are `[c, ROWDOT_BLOCK]`, a fraction of a
+vocabulary shard."""
+
+
 def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`(x * y).sum(-1)` for `[c, n]` without the `[c, n]` product temporary (a batched matmul)."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(x.shape[0])
+    """`(x * y).sum(-1)` in fp64 `[c]` for fp32 `[c, n]`, a block of columns at a time.
+
+    fp32 x fp32 products are exact in fp64 and the sum is accumulated in fp64, so the only rounding
+    left is that of the fp32 factors; temporaries are `[c, ROWDOT_BLOCK]`, never `[c, n]`.
+    """
+    out = x.new_zeros(x.shape[0], dtype=torch.float64)
+    for lo in range(0, x.shape[-1], ROWDOT_BLOCK):
+        hi = lo + ROWDOT_BLOCK
+        out += (x[:, lo:hi].double() * y[:, lo:hi].double()).sum(dim=-1)
+    return out
 
 
 def exact_chunk_value(
-    kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float = 0.5
+    kind: str, ls: torch.Tensor, d: torch.Tensor, beta: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(sum_j f_j, sum_j g_j)` per row over this shard's columns. Destroys `ls` and `lt`.
+    """`(sum_j f_j, sum_j g_j)` per row over this shard's columns. Destroys `ls` and `d`.
 
-    `sum g` is only needed by jsd's backward (for the KLs it is known in closed form), so it is
-    returned as zeros for the KLs.
+    `ls = log p_s` and `d = ls - lt` (computed from `z_s - z_t`, not as a difference of two
+    rounded log-probabilities). `sum g` is only needed by jsd's backward (for the KLs the
+    gradient has a closed form), so it is zeros for the KLs. jsd needs a third `[c, n]` buffer.
     """
-    zeros = ls.new_zeros(ls.shape[0])
+    zeros = ls.new_zeros(ls.shape[0], dtype=torch.float64)
     if kind == "reverse_kl":
-        lt.neg_().add_(ls)  # lt <- ls - lt, in place: no third buffer
-        return rowdot(ls.exp_(), lt), zeros
+        return rowdot(ls.exp_(), d), zeros  # sum P_s (ls - lt)
     if kind == "forward_kl":
-        ls.neg_().add_(lt)  # ls <- lt - ls
-        return rowdot(lt.exp_(), ls), zeros
+        return -rowdot(ls.sub_(d).exp_(), d), zeros  # ls <- P_t in place; -sum P_t (ls - lt)
     if kind == "jsd":
-        # Expand f with a = log((1-beta) P_s), b = log(beta P_t), lm = log m = logaddexp(a, b):
-        #   f = e^b (b - log beta) + e^a (a - log(1-beta)) - e^lm lm,   g = e^a (a - log(1-beta) - lm).
-        # Each exp() below is a transient third [c, n] buffer, freed before the next one.
-        la, lb = math.log1p(-beta), math.log(beta)
-        ls.add_(la)  # ls <- a, in place
-        lt.add_(lb)  # lt <- b, in place
-        e = lt.exp()
-        part_t = rowdot(e, lt) - lb * e.sum(dim=-1)
-        e = ls.exp()
-        part_s = rowdot(e, ls) - la * e.sum(dim=-1)
-        del e
-        torch.logaddexp(ls, lt, out=lt)  # lt <- lm, in place
-        part_m = rowdot(lt.exp(), lt)
-        lt.neg_().add_(ls).sub_(la)  # lt <- a - log(1-beta) - lm
-        g_sum = rowdot(ls.exp_(), lt)
-        return part_t + part_s - part_m, g_sum
+        # With u = ls - log m = -logaddexp(log(1-beta), log(beta) - d) and lt - log m = u - d:
+        #   f = beta P_t (u - d) + (1-beta) P_s u,   g = (1-beta) P_s u.
+        # Never factor P_s out of the teacher's term: P_s underflows where P_t does not.
+        pt = torch.sub(ls, d).exp_()  # the third buffer
+        pt_d = rowdot(pt, d)
+        _u_in_place(d, beta)
+        pt_u = rowdot(pt, d)
+        del pt
+        ps_u = rowdot(ls.exp_(), d)
+        return beta * (pt_u - pt_d) + (1 - beta) * ps_u, (1 - beta) * ps_u
     raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
+
+
+def _u_in_place(d: torch.Tensor, beta: float) -> torch.Tensor:
+    """d <- u = ls - log m = -logaddexp(log(1-beta), log(beta) - d), in place (a scratch buffer)."""
+    d.neg_().add_(math.log(beta))
+    torch.logaddexp(d, d.new_tensor(math.log1p(-beta)), out=d)
+    return d.neg_()
 
 
 def exact_chunk_grad(
     kind: str,
     ls: torch.Tensor,
-    lt: torch.Tensor,
+    d: torch.Tensor,
     value: torch.Tensor,
     g_sum: torch.Tensor,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """dL/da over this shard's columns for the exact divergence; returns `ls`'s storage.
+    """dL/da over this shard's columns for the exact divergence, in `ls`'s storage.
 
-    `value` (the full divergence) and `g_sum` (sum of g over the vocabulary) are the per-row
-    scalars from the forward. Closed forms (softmax over the whole vocabulary, `G = sum g`):
-    reverse `P_s (ls - lt - KL)`, forward `P_s - P_t`, jsd `g - P_s G`.
+    `ls = log p_s`, `d = ls - lt` (both destroyed); `value` (the divergence) and `g_sum` (sum of g
+    over the vocabulary) are the per-row scalars of the forward. Closed forms with the softmax over
+    the whole vocabulary: reverse `P_s (d - KL)`, forward `P_s - P_t`, jsd `P_s ((1-beta) u - G)`.
     """
     if kind == "reverse_kl":
-        lt.neg_().add_(ls).sub_(value.unsqueeze(-1))  # lt <- ls - lt - KL
-        return ls.exp_().mul_(lt)
+        return ls.exp_().mul_(d.sub_(value.unsqueeze(-1)))
     if kind == "forward_kl":
-        return ls.exp_().sub_(lt.exp_())
+        d.neg_().add_(ls).exp_()  # d <- P_t = exp(ls - d), in place
+        return ls.exp_().sub_(d)
     if kind == "jsd":
-        la, lb = math.log1p(-beta), math.log(beta)
-        ls.add_(la)  # ls <- a = log((1-beta) P_s)
-        lt.add_(lb)
-        torch.logaddexp(ls, lt, out=lt)  # lt <- log m
-        lt.neg_().add_(ls).sub_(la)  # lt <- ls - log m
-        ls.exp_()  # (1-beta) P_s
-        lt.mul_(ls)  # g
-        return lt.sub_(ls.mul_(g_sum.unsqueeze(-1) / (1 - beta)))
+        _u_in_place(d, beta).mul_(1 - beta).sub_(g_sum.unsqueeze(-1))
+        return ls.exp_().mul_(d)
     raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")

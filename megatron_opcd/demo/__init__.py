@@ -1,0 +1,1 @@
+"""`make demo`: the embedded default demo (python -m megatron_opcd.demo)."""

@@ -1,0 +1,135 @@
+"""Model building on one process: compat patches, teacher frozen, vocabulary check (issue 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_opcd.config import ConfigError, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def groups():
+    from megatron_opcd import parallel
+
+    g = parallel.initialize()
+    yield g
+    parallel.destroy()
+
+
+def test_compat_patches_still_apply():
+    """Fails loudly if a megatron-core upgrade moved what the CPU patches target."""
+    from megatron_opcd.compat import check_cpu_patches
+
+    assert check_cpu_patches() == []
+
+
+def test_compat_redirects_cuda_only_without_gpu(groups):
+    if torch.cuda.is_available():
+        pytest.skip("patches are inactive with CUDA")
+    from megatron_opcd.compat.cpu import is_applied
+
+    assert is_applied()
+    t = torch.zeros(2, device="cuda")
+    assert t.device.type == "cpu"
+    assert torch.ones(1).cuda().device.type == "cpu"
+    assert torch.ones(1, dtype=torch.float32).type() == "torch.cuda.FloatTensor"
+    # The "CUDA" RNG tracker really swaps the generator CPU ops draw from.
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(0)
+    outside = torch.rand(3)
+    torch.manual_seed(0)
+    with tracker.fork():
+        inside = torch.rand(3)
+    after = torch.rand(3)
+    assert not torch.equal(inside, outside)
+    torch.testing.assert_close(after, outside)
+
+
+def test_teacher_is_frozen_and_student_trains(groups):
+    from megatron_opcd.models import build_models
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256)
+    big = ModelConfig(num_layers=4, hidden_size=128, num_attention_heads=8, vocab_size=256)
+    student, teacher = build_models(cfg, big, groups=groups)
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    ids = torch.randint(0, 256, (2, 6))
+    pos = torch.arange(6).expand(2, 6)
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)[None, None].expand(2, 1, 6, 6)
+    assert teacher(ids, pos, mask).requires_grad is False
+    student(ids, pos, mask).sum().backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_vocabulary_must_match(groups):
+    from megatron_opcd.models import build_models
+
+    with pytest.raises(ConfigError, match="teacher.vocab_size=300 differs from model.vocab_size=256"):
+        build_models(ModelConfig(vocab_size=256), ModelConfig(vocab_size=300), groups=groups)
+
+
+def test_te_spec_refused_on_cpu(groups):
+    if torch.cuda.is_available():
+        pytest.skip("GPU present")
+    from megatron_opcd.models import build_model
+
+    with pytest.raises(ConfigError, match="cannot run here"):
+        build_model(ModelConfig(transformer_impl="transformer_engine"), groups=groups)
+
+
+def test_bad_role(groups):
+    from megatron_opcd.models import build_model
+
+    with pytest.raises(ConfigError, match="role must be"):
+        build_model(ModelConfig(), role="critic", groups=groups)
+
+
+def test_model_matches_float64_reference(groups):
+    """The built megatron model equals an independent float64 Llama forward written here."""
+    from megatron_opcd.models import build_model
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=96, vocab_size=128, make_vocab_size_divisible_by=64, rotary_base=10000)
+    model = build_model(cfg, groups=groups, seed=3)
+    s = 7
+    ids = torch.randint(0, 128, (1, s), generator=torch.Generator().manual_seed(0))
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+    got = model(ids, torch.arange(s)[None], mask)[0, :, :128].double()
+    w = {n: p.detach().double() for n, p in model.named_parameters()}
+    h, nh, ng, hd = 64, 4, 2, 16
+
+    def rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_epsilon) * g
+
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.arange(s, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+    def rope(x):  # [s, heads, hd], rotate-half convention
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+    x = w["embedding.word_embeddings.weight"][ids[0]]
+    for i in range(2):
+        p = f"decoder.layers.{i}."
+        y = rms(x, w[p + "input_layernorm.weight"])
+        qkv = (y @ w[p + "self_attention.linear_qkv.weight"].t()).view(s, ng, (nh // ng + 2) * hd)
+        q = qkv[..., : nh // ng * hd].reshape(s, nh, hd)
+        k = qkv[..., nh // ng * hd: (nh // ng + 1) * hd]
+        v = qkv[..., (nh // ng + 1) * hd:]
+        k = k.repeat_interleave(nh // ng, dim=1)
+        v = v.repeat_interleave(nh // ng, dim=1)
+        q, k = rope(q), rope(k)
+        att = torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5
+        att = att.masked_fill(mask[0], float("-inf")).softmax(-1)
+        o = torch.einsum("hqk,khd->qhd", att, v).reshape(s, nh * hd)
+        x = x + o @ w[p + "self_attention.linear_proj.weight"].t()
+        y = rms(x, w[p + "pre_mlp_layernorm.weight"])
+        gate, up = (y @ w[p + "mlp.linear_fc1.weight"].t()).chunk(2, -1)
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.linear_fc2.weight"].t()
+    x = rms(x, w["decoder.final_layernorm.weight"])
+    ref = x @ w["embedding.word_embeddings.weight"][:128].t()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

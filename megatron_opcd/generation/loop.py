@@ -1,0 +1,294 @@
+"""Batched incremental decoding over this rank's stage of a megatron-core GPT model (TP and PP).
+
+Layout of the batch in the KV cache (one slot offset for every row, as megatron's static context
+requires):
+
+    slot:  0 .. P-1   | P .. P+L-1                    | P+L .. P+L+N-1
+           prefix     | prompt i, left-padded to L     | generated tokens
+    row i: shared     | pad_i pads, then len(prompt_i) | one token per step
+
+Pads are masked as keys; positions skip them (`position = slot - pad_i` after the prefix, fed to
+RoPE per row through `stage.row_positions` and to learned embeddings through `position_ids`), so a
+row computes what it would compute alone. Each step the last stage gathers the full-vocabulary
+logits (megatron does it: `runtime_gather_output=True`), masks the padded vocabulary, samples with
+one seeded generator, and broadcasts (token, log-prob) to every rank of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from megatron_opcd.generation.sampling import SamplingParams, sample
+from megatron_opcd.generation.stage import (
+    PrefixCache,
+    _prefill_prefix,
+    broadcast_from_last_stage,
+    causal_mask_with_keys,
+    context_with_prefix,
+    forward_stage,
+    inference_mode,
+    model_device,
+    new_context,
+    row_positions,
+)
+from megatron_opcd.parallel import ParallelGroups
+
+Prefix = Union[Sequence[int], PrefixCache, None]
+
+
+@dataclass
+class GenerationOutput:
+    responses: list[list[int]]
+    """New tokens per prompt (the EOS token included if hit; nothing after it)."""
+
+    logprobs: list[list[float]]
+    """Log-prob of each sampled token at the sampling temperature (greedy: temperature 1)."""
+
+    lengths: list[int]
+    """len(responses[i])."""
+
+    finish_reasons: list[str]
+    """'eos' | 'stop' | 'length' per prompt."""
+
+    tokens_per_second: float
+    """New tokens (all rows) / wall time of the call, prefill included."""
+
+    def padded(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens [b, R] int64, logprobs [b, R] float32, mask [b, R] float32), right-padded."""
+        b, r = len(self.responses), max([1, *self.lengths])
+        tokens = torch.full((b, r), pad_id, dtype=torch.long)
+        logprobs = torch.zeros(b, r)
+        mask = torch.zeros(b, r)
+        for i, (resp, lp) in enumerate(zip(self.responses, self.logprobs)):
+            tokens[i, : len(resp)] = torch.tensor(resp, dtype=torch.long)
+            logprobs[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+            mask[i, : len(resp)] = 1.0
+        return tokens, logprobs, mask
+
+
+def _check_tokens(seqs: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
+    for i, seq in enumerate(seqs):
+        for t in seq:
+            if not 0 <= int(t) < vocab_size:
+                raise ValueError(f"{what}[{i}] holds token id {t}, outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass
+class _Layout:
+    """Token, position and validity of every cache slot of every row (see the module docstring)."""
+
+    tokens: torch.Tensor  # [b, T] int64
+    positions: torch.Tensor  # [b, T] int64
+    valid: torch.Tensor  # [b, T] bool, False for pads
+    prefix_len: int
+    prompt_len: int  # L: the longest prompt
+    empty_prompt: torch.Tensor  # [b] bool: the row's first token is predicted by the prefix
+    pads: list[int] = field(default_factory=list)
+
+    @property
+    def first_gen_slot(self) -> int:
+        return self.prefix_len + self.prompt_len
+
+
+def _layout(prefix: list[int], prompts: list[list[int]], max_new: int, device) -> _Layout:
+    b, p = len(prompts), len(prefix)
+    big = max(len(x) for x in prompts)
+    total = p + big + max_new
+    tokens = torch.zeros(b, total, dtype=torch.long)
+    positions = torch.zeros(b, total, dtype=torch.long)
+    valid = torch.ones(b, total, dtype=torch.bool)
+    pads = [big - len(x) for x in prompts]
+    slots = torch.arange(total)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :p] = torch.tensor(prefix, dtype=torch.long) if p else tokens[i, :0]
+        tokens[i, p + pads[i] : p + big] = torch.tensor(prompt, dtype=torch.long)
+        valid[i, p : p + pads[i]] = False
+        positions[i] = torch.where(slots < p, slots, (slots - pads[i]).clamp(min=0))
+        positions[i, p : p + pads[i]] = 0  # pads: any valid position, they are masked
+    return _Layout(
+        tokens=tokens.to(device),
+        positions=positions.to(device),
+        valid=valid.to(device),
+        prefix_len=p,
+        prompt_len=big,
+        empty_prompt=torch.tensor([len(x) == 0 for x in prompts], device=device),
+        pads=pads,
+    )
+
+
+class _CachedStepper:
+    """Prefill, then one token per step through megatron's static KV cache."""
+
+    def __init__(self, module, lay: _Layout, groups: ParallelGroups, prefix: Optional[PrefixCache]):
+        self.module, self.lay, self.groups = module, lay, groups
+        b, total = lay.tokens.shape
+        self.ctx = context_with_prefix(prefix, b, total) if prefix is not None else new_context(b, total)
+        self.prefix = prefix
+
+    def _run(self, start: int, end: int) -> Optional[torch.Tensor]:
+        lay = self.lay
+        mask = causal_mask_with_keys(lay.valid, start, end - start)  # [b, 1, s, end]
+        assert self.ctx.sequence_len_offset == start
+        logits = forward_stage(self.module, lay.tokens[:, start:end], lay.positions[:, start:end], mask,
+                               groups=self.groups, ctx=self.ctx)
+        self.ctx.sequence_len_offset = end  # megatron leaves advancing the cache to the caller
+        return None if logits is None else logits[:, -1, :]  # [b, V]
+
+    def prefill(self) -> Optional[torch.Tensor]:
+        lay = self.lay
+        self.ctx.enable_prefill_mode()
+        last = self._run(lay.prefix_len, lay.first_gen_slot) if lay.prompt_len else None
+        self.ctx.enable_decode_mode()
+        if self.prefix is None or not self.groups.is_last_stage or not bool(lay.empty_prompt.any()):
+            return last
+        # Rows with an empty prompt continue straight from the prefix's last position.
+        pre = self.prefix.last_logits.expand(lay.tokens.shape[0], -1)
+        return pre if last is None else torch.where(lay.empty_prompt[:, None], pre, last)
+
+    def step(self, slot: int) -> Optional[torch.Tensor]:
+        """Feed the token at `slot` (already written into the layout); logits for `slot + 1`."""
+        return self._run(slot, slot + 1)
+
+
+class _RecomputeStepper:
+    """The same loop without a cache: every step runs the whole sequence so far (the reference
+    the cache is measured and tested against)."""
+
+    def __init__(self, module, lay: _Layout, groups: ParallelGroups):
+        self.module, self.lay, self.groups = module, lay, groups
+
+    def _run(self, end: int) -> Optional[torch.Tensor]:
+        lay = self.lay
+        mask = causal_mask_with_keys(lay.valid, 0, end)
+        logits = forward_stage(self.module, lay.tokens[:, :end], lay.positions[:, :end], mask, groups=self.groups)
+        return None if logits is None else logits[:, -1, :]
+
+    def prefill(self) -> Optional[torch.Tensor]:
+        return self._run(self.lay.first_gen_slot)
+
+    def step(self, slot: int) -> Optional[torch.Tensor]:
+        return self._run(slot + 1)
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    groups: ParallelGroups,
+    vocab_size: int,
+    prefix: Prefix = None,
+    decode: Optional[Callable[[list[int]], str]] = None,
+    progress: bool = False,
+    use_cache: bool = True,
+) -> GenerationOutput:
+    """Sample a response for every prompt (token ids) with this rank's stage of the model.
+
+    Call on every rank of the model's TP x PP group with the same arguments; every rank returns
+    the same tokens and log-probs. `prefix` (token ids, or a `PrefixCache` from `prefill_prefix`)
+    is prefilled once at batch 1 and shared by all rows; the prompts continue after it.
+    `decode(token_ids) -> str` is needed for `params.stop_strings`. `use_cache=False` recomputes
+    the whole sequence every step (for tests and benchmarks). The model comes back in the
+    train/eval mode it had.
+    """
+    start_time = time.perf_counter()
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        return GenerationOutput([], [], [], [], 0.0)
+    if params.stop_strings and decode is None:
+        raise ValueError("SamplingParams.stop_strings needs a `decode` callable (token ids -> text)")
+    prefix_cache = prefix if isinstance(prefix, PrefixCache) else None
+    prefix_ids = list(prefix_cache.tokens if prefix_cache is not None else (prefix or []))
+    _check_tokens(prompts, vocab_size, "prompts")
+    _check_tokens([prefix_ids], vocab_size, "prefix")
+    if not prefix_ids:
+        empty = [i for i, p in enumerate(prompts) if not p]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty and there is no prefix: nothing to continue from")
+    with inference_mode(model) as module:
+        limit = getattr(module, "max_sequence_length", None)
+        total = len(prefix_ids) + max(len(p) for p in prompts) + params.max_new_tokens
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"prefix + longest prompt + max_new_tokens = {total} tokens exceeds the model's "
+                f"max_position_embeddings={limit}; shorten the inputs or lower max_new_tokens"
+            )
+        lay = _layout(prefix_ids, prompts, params.max_new_tokens, model_device(module))
+        if use_cache:
+            if prefix_ids and prefix_cache is None:
+                # Batch 1, slot = position: before the per-row rotary table below takes over.
+                prefix_cache = _prefill_prefix(module, prefix_ids, groups)
+            stepper = _CachedStepper(module, lay, groups, prefix_cache)
+        else:
+            stepper = _RecomputeStepper(module, lay, groups)
+        with row_positions(module, lay.positions):
+            out = _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
+    return out
+
+
+def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: ParallelGroups, vocab_size: int,
+                 decode, progress: bool, start_time: float) -> GenerationOutput:
+    b = lay.tokens.shape[0]
+    device = lay.tokens.device
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+    responses: list[list[int]] = [[] for _ in range(b)]
+    logprobs: list[list[float]] = [[] for _ in range(b)]
+    reasons: list[Optional[str]] = [None] * b
+    eos = set(params.eos_ids)
+    bar = _progress_bar(params.max_new_tokens, progress)
+    logits = stepper.prefill()
+    for step in range(params.max_new_tokens):
+        # [2, b] float64 carries token ids (exact below 2**53) and log-probs in one broadcast.
+        payload = torch.zeros(2, b, dtype=torch.float64, device=device)
+        if logits is not None:
+            tokens, lps = sample(logits, params, generator, vocab_size)
+            payload[0], payload[1] = tokens.to(torch.float64), lps.to(torch.float64)
+        broadcast_from_last_stage(payload, groups)
+        tokens = payload[0].long()
+        for i in range(b):
+            if reasons[i] is not None:
+                continue
+            tok = int(tokens[i])
+            responses[i].append(tok)
+            logprobs[i].append(float(payload[1, i]))
+            if tok in eos:
+                reasons[i] = "eos"
+            elif params.stop_strings and any(s in decode(responses[i]) for s in params.stop_strings):
+                reasons[i] = "stop"
+            elif len(responses[i]) >= params.max_new_tokens:
+                reasons[i] = "length"
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{sum(map(len, responses)) / (time.perf_counter() - start_time):.1f}")
+        if all(r is not None for r in reasons):
+            break
+        slot = lay.first_gen_slot + step
+        lay.tokens[:, slot] = tokens  # finished rows keep decoding; their outputs are dropped
+        logits = stepper.step(slot)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start_time
+    lengths = [len(r) for r in responses]
+    return GenerationOutput(
+        responses=responses,
+        logprobs=logprobs,
+        lengths=lengths,
+        finish_reasons=[r or "length" for r in reasons],
+        tokens_per_second=sum(lengths) / max(elapsed, 1e-9),
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    import torch.distributed as dist
+
+    if not enabled or (dist.is_initialized() and dist.get_rank() != 0):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: no bar, the caller still gets tokens_per_second
+        return None
+    return tqdm(total=total, desc="generate", unit="step", dynamic_ncols=True)

@@ -1,0 +1,132 @@
+"""Scoring: the logits (or log-probs) a model assigns to given responses, on the generation path.
+
+`score` packs `[prompt; response]` rows with `megatron_opcd.data.packing.pack` (the layout the
+trainer and the loss use), runs them through `stage.forward_stage` (the same stage forward, PP
+transport and KV cache as `generate`), and aligns the output with `gather_response`, so row t of
+the result is the distribution that predicts response token t. With a prefix (the teacher's
+privileged context), the prefix is prefilled once at batch 1 (`stage.prefill_prefix`), its cache
+copied to every row, and the packed batch runs after it at slot offset P.
+
+No gradients: this is the teacher's pass (and evaluation). The student's forward with gradients
+runs through megatron's schedule with the same packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_opcd.data.packing import gather_response, pack
+from megatron_opcd.generation.stage import (
+    PrefixCache,
+    _prefill_prefix,
+    context_with_prefix,
+    forward_stage,
+    inference_mode,
+    model_device,
+)
+from megatron_opcd.parallel import ParallelGroups
+
+
+@dataclass
+class ScoreOutput:
+    logits: Optional[torch.Tensor]
+    """[R, b, V/tp] this rank's vocabulary shard, row t predicting response token t; on the last
+    pipeline stage only (None elsewhere). Rows past a response's end are junk: use `mask`."""
+
+    logprobs: Optional[torch.Tensor]
+    """[R, b] fp32 log p(response token t), normalised over the full (unpadded) vocabulary across
+    TP; 0 where masked. Last stage only, and only with `return_logprobs`."""
+
+    mask: torch.Tensor
+    """[R, b] float32: 1 for real response tokens (on every rank)."""
+
+
+def vocab_parallel_token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, tp_group, tp_rank: int, tp_size: int,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """log softmax(logits)[target] over the vocabulary split across TP (no grad).
+
+    logits: [..., V/tp] this rank's shard of the padded vocabulary; targets: [...] global ids.
+    Padded ids (>= vocab_size) are excluded from the normaliser. Local max -> all-reduce MAX ->
+    sum of exp -> all-reduce SUM; the target logit comes from the shard that owns it (SUM)."""
+    z = logits.float()  # fp32 for the normaliser (the same tensor if logits are fp32 already)
+    part = z.shape[-1]
+    lo = tp_rank * part
+    if vocab_size is not None and vocab_size < lo + part:
+        z = z.clone() if z is logits else z  # the in-place fill below must not touch the caller's logits
+        z[..., max(vocab_size - lo, 0):] = float("-inf")
+    m = z.max(dim=-1).values  # [...]
+    if tp_size > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    s = torch.exp(z - m[..., None]).sum(-1)
+    local = (targets >= lo) & (targets < lo + part)
+    picked = z.gather(-1, (targets - lo).clamp(0, part - 1)[..., None]).squeeze(-1)
+    picked = torch.where(local, picked, torch.zeros_like(picked))
+    if tp_size > 1:
+        dist.all_reduce(s, group=tp_group)
+        dist.all_reduce(picked, group=tp_group)
+    return picked - m - torch.log(s)
+
+
+def score(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    groups: ParallelGroups,
+    prefix=None,
+    return_logprobs: bool = False,
+    vocab_size: Optional[int] = None,
+    pad_id: int = 0,
+) -> ScoreOutput:
+    """Logits (and optionally log-probs) at the response positions of `[prefix; prompt; response]`.
+
+    Call on every rank of the model's TP x PP group with the same arguments. `prefix` is token
+    ids or a `PrefixCache` (see `prefill_prefix`) shared by every row. Without a prefix every
+    prompt needs at least one token. The model comes back in the train/eval mode it had.
+    """
+    prefix_cache = prefix if isinstance(prefix, PrefixCache) else None
+    prefix_ids = list(prefix_cache.tokens if prefix_cache is not None else (prefix or []))
+    p = len(prefix_ids)
+    packed = pack(prompts, responses, pad_id=pad_id, position_offset=p)
+    with inference_mode(model) as module:
+        device = model_device(module)
+        tokens = packed.tokens.to(device)  # [b, S]
+        positions = packed.position_ids.to(device)
+        b, s = tokens.shape
+        if p:
+            if prefix_cache is None:
+                prefix_cache = _prefill_prefix(module, prefix_ids, groups)
+            ctx = context_with_prefix(prefix_cache, b, p + s, last_token_only=False)
+            # Every row sees the whole prefix, then causal + padding within its own row.
+            mask = torch.cat([torch.zeros(b, 1, s, p, dtype=torch.bool), packed.attention_mask], dim=-1)
+            logits = forward_stage(module, tokens, positions, mask.to(device), groups=groups, ctx=ctx)
+            if logits is not None:
+                # In inference mode megatron gathers the vocabulary; keep this rank's shard.
+                logits = _shard(logits, groups)
+        else:
+            logits = forward_stage(module, tokens, positions, packed.attention_mask.to(device),
+                                   groups=groups, gather=False)  # [b, S, V/tp]
+    mask = packed.response_mask
+    if logits is None:
+        return ScoreOutput(logits=None, logprobs=None, mask=mask)
+    prefix_last = _shard(prefix_cache.last_logits, groups) if prefix_cache is not None else None
+    aligned = gather_response(logits, packed, prefix_last=prefix_last)  # [R, b, V/tp]
+    logprobs = None
+    if return_logprobs:
+        logprobs = vocab_parallel_token_logprobs(
+            aligned, packed.response_tokens.to(device), tp_group=groups.tp_group, tp_rank=groups.tp_rank,
+            tp_size=groups.tp_size, vocab_size=vocab_size,
+        ) * mask.to(device)
+    return ScoreOutput(logits=aligned, logprobs=logprobs, mask=mask)
+
+
+def _shard(full: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """[..., V] -> [..., V/tp], this TP rank's slice (megatron's vocab-parallel order)."""
+    part = full.shape[-1] // groups.tp_size
+    return full[..., groups.tp_rank * part : (groups.tp_rank + 1) * part].contiguous()

@@ -1,0 +1,216 @@
+"""The KV-cache generation loop and scoring (issue 4).
+
+Three launches: one process (TP=1/PP=1, compared with plain full-sequence forwards of one unpadded
+sequence at a time: no cache, no padding, no generation code), and two ranks running TP=2,
+TP=2 with sequence parallelism and PP=2, each compared with the single-process run.
+Plus pure-function tests of the sampling filters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _generation_ranks import N, PROMPTS, RESPONSES, single_process_with_cli, suites_then_cli
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("generation"))
+
+
+@pytest.fixture(scope="module")
+def single(run_ranks, workdir):
+    return run_ranks(single_process_with_cli, 1, workdir, timeout=300)[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(run_ranks, workdir, single):  # `single` wrote the checkpoint the CLI run loads
+    runs = [dict(tp=2, pp=1), dict(tp=2, pp=1, sp=True), dict(tp=1, pp=2)]
+    per_rank = run_ranks(suites_then_cli, 2, runs, workdir, 2, 1, timeout=300)
+    out = {name: [r["suites"][i] for r in per_rank] for i, name in enumerate(["tp2", "tp2_sp", "pp2"])}
+    out["cli"] = per_rank[0]["cli"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One process against independent recomputation
+
+
+def test_greedy_cache_equals_full_recomputation(single):
+    expect = [toks for toks, _ in single["naive"]]
+    assert single["suite"]["greedy"]["responses"] == expect
+    # The same loop without the cache, too.
+    assert single["nocache"] == expect
+    # Greedy log-probs are at temperature 1.
+    for got, (_, lps) in zip(single["suite"]["greedy"]["logprobs"], single["naive"]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(lps), atol=1e-5, rtol=0)
+
+
+def test_batched_equals_one_by_one(single):
+    assert single["one_by_one"] == single["suite"]["greedy"]["responses"]
+    assert len({len(p) for p in PROMPTS}) == len(PROMPTS), "prompts of different lengths"
+
+
+def test_prefix_generation_equals_recomputation(single):
+    assert single["suite"]["greedy_prefix"]["responses"] == [toks for toks, _ in single["naive_prefix"]]
+    assert single["empty_prompt"] == single["naive_empty_prompt"]
+
+
+def test_prefix_score_equals_recomputation(single):
+    """Prefix prefilled once, cache copied to every row: the logits of full recomputation (1e-5)."""
+    for key, naive in (("score_prefix", "naive_score_prefix"), ("score", "naive_score")):
+        out = single["suite"][key]
+        for i, (ref, r) in enumerate(zip(single[naive], RESPONSES)):
+            assert out["mask"][:, i].sum() == len(r)
+            if not r:
+                continue
+            torch.testing.assert_close(out["logits"][: len(r), i], ref, atol=1e-5, rtol=0)
+            ref_lp = torch.log_softmax(ref[:, :250].float(), -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+            torch.testing.assert_close(out["logprobs"][: len(r), i], ref_lp, atol=1e-5, rtol=0)
+        assert (out["logprobs"] * (1 - out["mask"])).abs().max() == 0
+
+
+def test_learned_absolute_positions(single):
+    """Left padding and a cached prefix do not shift learned position embeddings."""
+    assert single["learned"] == single["learned_naive"]
+    assert single["learned_score_err"] < 1e-5
+
+
+def test_ddp_wrapped_model(single):
+    assert single["ddp"] == single["suite"]["greedy"]["responses"]
+
+
+def test_model_mode_restored(single):
+    assert single["suite"]["training_after"] is True
+
+
+def test_sampling_reproducible_and_seeded(single):
+    a, b, c = single["seed_runs"]
+    assert a == b
+    assert a != c
+    # A near-uniform distribution (temperature 50) over 250 tokens padded to 256: the 6 padded ids
+    # would turn up ~5 times in these 192 draws if they were not masked.
+    drawn = [t for run in single["seed_runs"] for row in run for t in row]
+    assert max(drawn) < 250 and len(set(drawn)) > 100
+    # top_k=1 is greedy whatever the temperature.
+    assert single["top_k1"] == single["suite"]["greedy"]["responses"]
+
+
+def test_sampled_logprobs_at_temperature(single):
+    got = single["sampled_t07"]
+    assert got["responses"] != single["suite"]["greedy"]["responses"]
+    for lp, ref in zip(got["logprobs"], single["naive_lp_t07"]):
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref), atol=1e-5, rtol=0)
+
+
+def test_eos_stop_string_and_length(single):
+    eos = single["eos"]
+    assert eos["responses"][0] == single["eos_expect"]
+    assert eos["reasons"][0] == "eos"
+    assert eos["responses"] == single["eos_naive"]
+    eos_tok = single["eos_expect"][-1]
+    for resp, reason, lps in zip(eos["responses"], eos["reasons"], eos["logprobs"]):
+        assert len(lps) == len(resp)
+        if eos_tok in resp:  # nothing after the EOS token
+            assert resp.index(eos_tok) == len(resp) - 1 and reason == "eos"
+        else:
+            assert reason == "length" and len(resp) == N
+    stop = single["stop"]
+    assert stop["reasons"][0] == "stop"
+    assert stop["responses"][0] == single["naive"][0][0][:4]  # ends with the token that completed it
+    assert single["length3"]["reasons"] == ["length"] * len(PROMPTS)
+    assert [len(r) for r in single["length3"]["responses"]] == [3] * len(PROMPTS)
+
+
+# ----------------------------------------------------------------------------------------------
+# TP=2, TP=2 + SP, PP=2 equal TP=1/PP=1
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2"])
+def test_layouts_generate_like_one_process(single, two_ranks, layout):
+    ref = single["suite"]
+    ranks = two_ranks[layout]
+    for key in ("greedy", "greedy_prefix", "sampled", "sampled_prefix"):
+        for r in ranks:  # every rank returns the same result
+            assert r[key]["responses"] == ref[key]["responses"], f"{layout} {key} rank {r['tp_rank']},{r['pp_rank']}"
+            assert r[key]["logprobs"] == ranks[0][key]["logprobs"]
+            torch.testing.assert_close(torch.tensor(sum(r[key]["logprobs"], [])),
+                                       torch.tensor(sum(ref[key]["logprobs"], [])), atol=1e-5, rtol=1e-5)
+        assert r["training_after"] is True
+    assert all(r["sp_after"] == (layout == "tp2_sp") for r in ranks)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_layouts_score_like_one_process(single, two_ranks, layout):
+    ref = single["suite"]
+    last = [r for r in two_ranks[layout] if r["last"]]
+    assert len(last) == (2 if layout == "tp2" else 1)
+    for r in last:
+        for key in ("score", "score_prefix"):
+            assert r[key]["shard"] == 256 // (2 if layout == "tp2" else 1)
+            m = ref[key]["mask"].bool()
+            torch.testing.assert_close(r[key]["logits"][m], ref[key]["logits"][m], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(r[key]["logprobs"], ref[key]["logprobs"], atol=1e-5, rtol=1e-5)
+    assert all("logits" not in r["score"] for r in two_ranks[layout] if not r["last"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_writes_one_line_per_prompt(single, two_ranks):
+    lines = single["cli"]
+    assert [r["index"] for r in lines] == list(range(len(PROMPTS)))
+    assert [r["prompt_ids"] for r in lines] == PROMPTS
+    assert [r["response_ids"] for r in lines] == single["suite"]["greedy"]["responses"]
+    assert all(r["finish_reason"] == "length" and len(r["logprobs"]) == N for r in lines)
+    assert "response" not in lines[0]  # no tokenizer in this checkpoint: ids only
+    # Under TP=2 (two ranks, rank 0 writes): the same tokens, log-probs to fp32 noise.
+    tp2 = two_ranks["cli"]
+    assert [{k: v for k, v in r.items() if k != "logprobs"} for r in tp2] == \
+        [{k: v for k, v in r.items() if k != "logprobs"} for r in lines]
+    torch.testing.assert_close(torch.tensor([r["logprobs"] for r in tp2]),
+                               torch.tensor([r["logprobs"] for r in lines]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "does not exist"),
+    ("malformed", "bad.jsonl:2: not valid JSON"),
+    ("text_without_tokenizer", "text.jsonl:1: text prompts need a tokenizer"),
+    ("out_of_vocab", "oov.jsonl:1: token id 999 is outside"),
+    ("not_a_checkpoint", "not a complete megatron-opcd checkpoint"),
+])
+def test_cli_bad_input_is_one_line(single, case, needle):
+    rc, err = single["cli_errors"][case]
+    assert rc == 1
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling math (pure functions)
+
+
+def test_top_k_and_top_p_filters():
+    from megatron_opcd.generation import filter_top_k, filter_top_p
+
+    z = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert torch.isfinite(filter_top_k(z, 2)).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(filter_top_p(z, 0.65)).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(filter_top_p(z, 0.75)).tolist() == [[True, True, True, False, False]]
+    assert torch.isfinite(filter_top_p(z, 0.01)).sum() == 1  # always at least one
+    shuffled = z[:, [3, 0, 4, 2, 1]]
+    assert torch.isfinite(filter_top_p(shuffled, 0.65)).tolist() == [[False, True, False, False, True]]
+
+
+def test_sampling_params_validation():
+    from megatron_opcd.generation import SamplingParams
+
+    with pytest.raises(ValueError, match="greedy=True"):
+        SamplingParams(temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    assert SamplingParams(temperature=0.0, greedy=True).greedy

@@ -1,3 +1,7 @@
 """megatron-opcd: On-Policy Context Distillation (Ye et al., 2026, arXiv 2602.12275) on megatron-core."""
 
+# Before megatron-core is imported anywhere: silence its warnings that are noise on CPU machines
+# (parallel.initialize prints one explicit line about the implementations in use instead).
+from megatron_opcd.compat import quiet as _quiet  # noqa: F401
+
 __version__ = "0.1.0"

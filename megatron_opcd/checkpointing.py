@@ -176,6 +176,9 @@ def save_checkpoint(
             (tmp / "model_config.yaml").write_text(yaml.safe_dump(to_dict(model_config), sort_keys=False))
             if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer", dirs_exist_ok=True)
+            elif tokenizer_dir is not None and Path(tokenizer_dir).is_file():  # e.g. a sentencepiece .model
+                (tmp / "tokenizer").mkdir(exist_ok=True)
+                shutil.copy2(tokenizer_dir, tmp / "tokenizer" / Path(tokenizer_dir).name)
         _barrier()
         if _rank() == 0:
             record = {"format_version": FORMAT_VERSION, "saved_at": time.time(), **(meta or {})}

@@ -130,7 +130,7 @@ def merge(results: list[dict]) -> dict:
         if r["tp_rank"] != 0:
             continue
         if r["last"]:
-            merged["logits"], merged["loss"] = r["logits"], r["loss"]
+            merged["logits"], merged["loss"] = r.get("logits"), r["loss"]
         for key in ("grads", "weights"):
             for name, g in r[key].items():
                 # Tied embeddings: the last stage's output_layer copy duplicates the embedding.

@@ -77,11 +77,17 @@ def forward_backward(
 
 
 def zero_grads(model) -> None:
-    """Clear gradients: megatron DDP's buffers, or plain `.grad` for an unwrapped model."""
+    """Clear gradients: megatron DDP's buffers and every `.grad`.
+
+    The `.grad = None` matters: megatron's optimizer step aliases `param.grad` to `param.main_grad`;
+    a stale alias makes the next backward accumulate into the buffer twice (autograd adds into
+    the alias, then DDP's hook adds `.grad` to `main_grad` again). Megatron-LM's loop calls
+    `optimizer.zero_grad()` for the same reason.
+    """
     if hasattr(model, "zero_grad_buffer"):
         model.zero_grad_buffer()
-    else:
-        model.zero_grad(set_to_none=True)
+    for param in model.parameters():
+        param.grad = None
 
 
 def main_grad(param: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,64 @@
+"""`torchrun --nproc-per-node N -m megatron_opcd.train --config FILE [key=value ...]`
+
+Also under `srun` (SLURM's variables are mapped to torchrun's). Errors in the configuration or the
+data end the job with one line naming the problem and the fix, and a non-zero exit, on every rank;
+`logging.debug=true` (or OPCD_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _srun_env() -> None:
+    """Map SLURM's per-task variables to torchrun's when launched by `srun` without torchrun."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        # The first host of a simple list; sbatch scripts export MASTER_ADDR via scontrol for ranges.
+        os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m megatron_opcd.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (see examples/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.steps=10")
+    return p.parse_args(argv)
+
+
+def run(config_path, overrides) -> dict:
+    import torch
+
+    from megatron_opcd import parallel
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.trainer import Trainer
+
+    cfg = load_train_config(config_path, overrides)
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    groups = parallel.initialize(cfg.parallel)
+    try:
+        trainer = Trainer(cfg, groups)
+        return trainer.train()
+    finally:
+        parallel.destroy()
+
+
+def main(argv=None) -> int:
+    from megatron_opcd.errors import run_cli
+
+    args = parse_args(argv)
+    _srun_env()
+    debug = os.environ.get("OPCD_DEBUG") == "1" or any(o.replace(" ", "") == "logging.debug=true" for o in args.overrides)
+    return run_cli(lambda: run(args.config, args.overrides), debug=debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

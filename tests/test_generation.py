@@ -55,6 +55,7 @@ def test_batched_equals_one_by_one(single):
 def test_prefix_generation_equals_recomputation(single):
     assert single["suite"]["greedy_prefix"]["responses"] == [toks for toks, _ in single["naive_prefix"]]
     assert single["empty_prompt"] == single["naive_empty_prompt"]
+    assert single["short_prefix"] == single["naive_short_prefix"]
 
 
 def test_prefix_score_equals_recomputation(single):

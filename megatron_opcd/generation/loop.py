@@ -1,17 +1,20 @@
 """Batched incremental decoding over this rank's stage of a megatron-core GPT model (TP and PP).
 
 Layout of the batch in the KV cache (one slot offset for every row, as megatron's static context
-requires):
+requires): every row is left-padded as a whole, so all rows end at the same slot.
 
-    slot:  0 .. P-1   | P .. P+L-1                    | P+L .. P+L+N-1
-           prefix     | prompt i, left-padded to L     | generated tokens
-    row i: shared     | pad_i pads, then len(prompt_i) | one token per step
+    slot:  0 .. pad_i-1 | pad_i .. pad_i+P-1 | .. P+L-1    | P+L .. P+L+N-1
+    row i: pads         | shared prefix      | prompt i    | generated tokens
 
-Pads are masked as keys; positions skip them (`position = slot - pad_i` after the prefix, fed to
-RoPE per row through `stage.row_positions` and to learned embeddings through `position_ids`), so a
-row computes what it would compute alone. Each step the last stage gathers the full-vocabulary
-logits (megatron does it: `runtime_gather_output=True`), masks the padded vocabulary, samples with
-one seeded generator, and broadcasts (token, log-prob) to every rank of the model.
+Pads are masked as keys. RoPE rotates by cache slot (see stage.py), and only distances matter, so
+a row shifted by pad_i computes what it would compute alone; learned absolute embeddings get the
+true positions (`slot - pad_i`) through `position_ids`. A cached prefix (prefilled once at batch
+1) is copied into each row at its shift; the slots it would occupy at or after P are recomputed
+by the prompt prefill, which covers slots [P, P+L) for every row anyway.
+
+Each step the last stage gathers the full-vocabulary logits (megatron does it:
+`runtime_gather_output=True`), masks the padded vocabulary, samples with one seeded generator,
+and broadcasts (token, log-prob) to every rank of the model.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from megatron_opcd.generation.stage import (
     inference_mode,
     model_device,
     new_context,
-    row_positions,
 )
 from megatron_opcd.parallel import ParallelGroups
 
@@ -82,12 +84,11 @@ class _Layout:
     """Token, position and validity of every cache slot of every row (see the module docstring)."""
 
     tokens: torch.Tensor  # [b, T] int64
-    positions: torch.Tensor  # [b, T] int64
+    positions: torch.Tensor  # [b, T] int64: slot - pad (0 on pads)
     valid: torch.Tensor  # [b, T] bool, False for pads
+    pads: list[int]
     prefix_len: int
     prompt_len: int  # L: the longest prompt
-    empty_prompt: torch.Tensor  # [b] bool: the row's first token is predicted by the prefix
-    pads: list[int] = field(default_factory=list)
 
     @property
     def first_gen_slot(self) -> int:
@@ -99,25 +100,16 @@ def _layout(prefix: list[int], prompts: list[list[int]], max_new: int, device) -
     big = max(len(x) for x in prompts)
     total = p + big + max_new
     tokens = torch.zeros(b, total, dtype=torch.long)
-    positions = torch.zeros(b, total, dtype=torch.long)
     valid = torch.ones(b, total, dtype=torch.bool)
     pads = [big - len(x) for x in prompts]
-    slots = torch.arange(total)
     for i, prompt in enumerate(prompts):
-        tokens[i, :p] = torch.tensor(prefix, dtype=torch.long) if p else tokens[i, :0]
-        tokens[i, p + pads[i] : p + big] = torch.tensor(prompt, dtype=torch.long)
-        valid[i, p : p + pads[i]] = False
-        positions[i] = torch.where(slots < p, slots, (slots - pads[i]).clamp(min=0))
-        positions[i, p : p + pads[i]] = 0  # pads: any valid position, they are masked
-    return _Layout(
-        tokens=tokens.to(device),
-        positions=positions.to(device),
-        valid=valid.to(device),
-        prefix_len=p,
-        prompt_len=big,
-        empty_prompt=torch.tensor([len(x) == 0 for x in prompts], device=device),
-        pads=pads,
-    )
+        row = torch.tensor(prefix + prompt, dtype=torch.long)
+        tokens[i, pads[i] : p + big] = row
+        valid[i, : pads[i]] = False
+    shift = torch.tensor(pads)[:, None]
+    positions = (torch.arange(total)[None, :] - shift).clamp(min=0)  # pads: 0, any valid id; they are masked
+    return _Layout(tokens=tokens.to(device), positions=positions.to(device), valid=valid.to(device), pads=pads,
+                   prefix_len=p, prompt_len=big)
 
 
 class _CachedStepper:
@@ -126,7 +118,10 @@ class _CachedStepper:
     def __init__(self, module, lay: _Layout, groups: ParallelGroups, prefix: Optional[PrefixCache]):
         self.module, self.lay, self.groups = module, lay, groups
         b, total = lay.tokens.shape
-        self.ctx = context_with_prefix(prefix, b, total) if prefix is not None else new_context(b, total)
+        if prefix is not None:
+            self.ctx = context_with_prefix(prefix, b, total, row_offsets=lay.pads)
+        else:
+            self.ctx = new_context(b, total)
         self.prefix = prefix
 
     def _run(self, start: int, end: int) -> Optional[torch.Tensor]:
@@ -141,13 +136,12 @@ class _CachedStepper:
     def prefill(self) -> Optional[torch.Tensor]:
         lay = self.lay
         self.ctx.enable_prefill_mode()
-        last = self._run(lay.prefix_len, lay.first_gen_slot) if lay.prompt_len else None
+        if lay.prompt_len:
+            last = self._run(self.ctx.sequence_len_offset, lay.first_gen_slot)
+        else:  # every prompt is empty: no shift, the prefix's last position predicts the first token
+            last = None if self.prefix.last_logits is None else self.prefix.last_logits.expand(len(lay.pads), -1)
         self.ctx.enable_decode_mode()
-        if self.prefix is None or not self.groups.is_last_stage or not bool(lay.empty_prompt.any()):
-            return last
-        # Rows with an empty prompt continue straight from the prefix's last position.
-        pre = self.prefix.last_logits.expand(lay.tokens.shape[0], -1)
-        return pre if last is None else torch.where(lay.empty_prompt[:, None], pre, last)
+        return last
 
     def step(self, slot: int) -> Optional[torch.Tensor]:
         """Feed the token at `slot` (already written into the layout); logits for `slot + 1`."""
@@ -220,14 +214,11 @@ def generate(
         lay = _layout(prefix_ids, prompts, params.max_new_tokens, model_device(module))
         if use_cache:
             if prefix_ids and prefix_cache is None:
-                # Batch 1, slot = position: before the per-row rotary table below takes over.
                 prefix_cache = _prefill_prefix(module, prefix_ids, groups)
             stepper = _CachedStepper(module, lay, groups, prefix_cache)
         else:
             stepper = _RecomputeStepper(module, lay, groups)
-        with row_positions(module, lay.positions):
-            out = _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
-    return out
+        return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
 
 
 def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: ParallelGroups, vocab_size: int,

@@ -8,10 +8,10 @@ What megatron-core 0.16.1 offers and what this module adds (details: docs/genera
   The caller advances `sequence_len_offset`. It runs on the CPU (the dynamic engine does not).
 * The cache stores keys *before* RoPE; RoPE is applied to all cached keys at every step, with
   the rotation of the cache *slot*, not of `position_ids` (which only feed learned absolute
-  embeddings). Every row shares one slot offset, so a left-padded row would be rotated as if
-  its tokens sat `pad` positions later. `row_positions` below gives the rotary module a
-  per-row table (`[slots, b, 1, d]`, which megatron's unfused RoPE broadcasts), so every row sees
-  its own positions: padding between a shared prefix and a prompt becomes invisible.
+  embeddings). Every row shares one slot offset, so a row left-padded by `pad` is rotated as if
+  its tokens sat `pad` positions later; RoPE depends on distances only, so that is exact as long
+  as the whole row (prefix included) is shifted by the same amount, which is how loop.py lays
+  out a batch.
 * In inference mode (`inference_context` given, model in eval) the model insists on
   `runtime_gather_output=True` (full-vocabulary logits on every TP rank) and, with the static
   context's default `materialize_only_last_token_logits`, returns the last position only.
@@ -64,31 +64,6 @@ def inference_mode(model):
         module.train(was_training)
         if module.pre_process is False:
             module.set_input_tensor(None)  # drop the last received activation
-
-
-@contextmanager
-def row_positions(module, positions: Optional[torch.Tensor]):
-    """While active, the model's RoPE uses `positions[i, slot]` ([b, slots] int64) as the position
-    of cache slot `slot` in row i, instead of `slot` itself (see the module docstring)."""
-    rope = getattr(module, "rotary_pos_emb", None)
-    if positions is None or rope is None or not hasattr(rope, "get_emb"):
-        yield
-        return
-    b, slots = positions.shape
-    table = rope.get_emb(int(positions.max()) + 1)  # [n, 1, 1, d] fp32 angles
-    per_row = table[:, 0, 0, :][positions.t().to(table.device)]  # [slots, b, d]
-    per_row = per_row[:, :, None, :]  # [slots, b, 1, d]
-
-    def forward(max_seq_len, *args, **kwargs):
-        if max_seq_len > slots:
-            raise RuntimeError(f"rotary table has {slots} slots, the model asked for {max_seq_len}")
-        return per_row[:max_seq_len]
-
-    rope.forward = forward  # instance attribute shadows the (lru-cached) class method
-    try:
-        yield
-    finally:
-        del rope.forward
 
 
 def new_context(max_batch: int, max_seq: int, *, last_token_only: bool = True):
@@ -195,17 +170,28 @@ def _prefill_prefix(module, prefix: list[int], groups: ParallelGroups) -> Prefix
     return PrefixCache(tokens=prefix, kv=kv, last_logits=last)
 
 
-def context_with_prefix(prefix: PrefixCache, batch: int, max_seq: int, *, last_token_only: bool = True):
-    """A fresh static context for `batch` rows whose slots `[0, P)` hold the prefix in every row,
-    with `sequence_len_offset = P`. The buffers are allocated here with the shapes the attention
-    layers would allocate ([max_seq, batch, g/tp, d])."""
+def context_with_prefix(prefix: PrefixCache, batch: int, max_seq: int, *, row_offsets=None,
+                        last_token_only: bool = True):
+    """A fresh static context for `batch` rows with `sequence_len_offset = P`, the prefix's keys and
+    values copied in: row i gets prefix tokens [0, P - off_i) at slots [off_i, P) (`row_offsets`,
+    default 0: the whole prefix at [0, P)); the rest of a shifted row's prefix lies at or after
+    slot P and is computed by the next forward. The buffers are allocated here with the shapes the
+    attention layers would allocate ([max_seq, batch, g/tp, d]), zeroed: pad slots are masked, but
+    0 x NaN from uninitialised memory would still poison the attention output."""
     ctx = new_context(batch, max_seq, last_token_only=last_token_only)
     p = len(prefix)
+    offsets = list(row_offsets) if row_offsets is not None else [0] * batch
     for layer, (k, v) in prefix.kv.items():
-        kbuf = k.new_empty((max_seq, batch) + tuple(k.shape[2:]))
-        vbuf = v.new_empty((max_seq, batch) + tuple(v.shape[2:]))
-        kbuf[:p] = k  # [P, 1, ...] broadcast to every row
-        vbuf[:p] = v
+        kbuf = k.new_zeros((max_seq, batch) + tuple(k.shape[2:]))
+        vbuf = v.new_zeros((max_seq, batch) + tuple(v.shape[2:]))
+        if not any(offsets):
+            kbuf[:p] = k  # [P, 1, ...] broadcast to every row
+            vbuf[:p] = v
+        else:
+            for i, off in enumerate(offsets):
+                n = max(p - off, 0)
+                kbuf[off : off + n, i] = k[:n, 0]
+                vbuf[off : off + n, i] = v[:n, 0]
         ctx.key_value_memory_dict[layer] = (kbuf, vbuf)
     ctx.sequence_len_offset = p
     return ctx

@@ -21,9 +21,21 @@ def _srun_env() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("MASTER_PORT", "29500")
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        # The first host of a simple list; sbatch scripts export MASTER_ADDR via scontrol for ranges.
-        os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
+        os.environ["MASTER_ADDR"] = first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu-a[017-018,020],gpu-b1` -> `gpu-a017`.
+
+    (The sbatch scripts use `scontrol show hostnames`; this covers `srun` without them.)"""
+    head = nodelist.strip()
+    bracket = head.find("[")
+    comma = head.find(",")
+    if bracket == -1 or (comma != -1 and comma < bracket):
+        return head.split(",")[0]
+    prefix, ranges = head[:bracket], head[bracket + 1:head.index("]", bracket)]
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
 
 
 def parse_args(argv=None):

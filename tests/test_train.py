@@ -61,9 +61,9 @@ def test_one_step_matches_tp1(step_runs, layout):
 def test_tiny_run_lowers_heldout_kl(run_ranks, tmp_path):
     """A peakier random teacher (init std 0.1 vs 0.02) and 16 OPCD steps on the exact reverse KL (a top-16
     sum over a near-uniform 200-token student carries little signal): the exact KL(student||teacher)
-    on held-out prompts, measured by the trainer's own evaluation, goes down (measured: 0.41 -> 0.27)."""
+    on held-out prompts, measured by the trainer's own evaluation, goes down (measured: 0.41 -> 0.14)."""
     cfg = str(make_run(tmp_path, steps=16, extra={
-        "optimizer.lr": 1e-2, "loss.topk": None, "schedule.global_batch_size": 8, "schedule.micro_batch_size": 4, "checkpoint.save": None, "logging.dir": str(tmp_path / "logs"),
+        "optimizer.lr": 3e-3, "loss.topk": None, "schedule.global_batch_size": 8, "schedule.micro_batch_size": 4, "checkpoint.save": None, "logging.dir": str(tmp_path / "logs"),
         "evaluation.interval": 16, "evaluation.num_prompts": 8, "evaluation.max_new_tokens": 6,
     }))
     teacher_override = ["teacher.model.init_method_std=0.1"]

@@ -43,6 +43,25 @@ from megatron_opcd.training.optimizer import build_optimizer
 from megatron_opcd.training import state as ckpt_state
 
 
+# Fields that change the weights' shapes or the function they compute; the others (dtype, TE/FP8,
+# dropout, init) may legitimately differ between a config and the checkpoint it loads.
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
+    "vocab_size", "normalization", "norm_epsilon", "activation", "position_embedding_type", "rotary_base",
+    "rotary_percent", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_max_position_embeddings", "add_qkv_bias", "add_bias_linear", "qk_layernorm", "tie_embeddings",
+)
+
+
+def check_matches_checkpoint(given: ModelConfig, saved: ModelConfig, path, role: str = "model") -> None:
+    """A model section given next to a checkpoint must describe the checkpoint's architecture."""
+    diffs = [f"{role}.{f}={getattr(given, f)!r} but the checkpoint has {getattr(saved, f)!r}"
+             for f in ARCHITECTURE_FIELDS if getattr(given, f) != getattr(saved, f)]
+    if diffs:
+        raise ConfigError(f"the {role} section does not match {path}/model_config.yaml: {'; '.join(diffs[:4])}"
+                          f"{' ...' if len(diffs) > 4 else ''}; fix the section or omit it to use the checkpoint's")
+
+
 class NonFiniteError(RuntimeError):
     """The loss or the gradients are NaN/inf and numerics.on_nonfinite=stop (or too many skips)."""
 
@@ -83,6 +102,8 @@ class Trainer:
         # --- models -------------------------------------------------------------------------
         pretrained = cfg.checkpoint.pretrained
         self.model_config: ModelConfig = cfg.model or read_model_config(pretrained)
+        if cfg.model is not None and pretrained:
+            check_matches_checkpoint(cfg.model, read_model_config(pretrained), pretrained)
         self.model_config.check_parallel(cfg.parallel, role="model")
         self.tokenizer = self._load_tokenizer()
         student = build_model(self.model_config, "student", groups=groups, seed=cfg.parallel.seed)
@@ -171,6 +192,8 @@ class Trainer:
             self.teacher_config = self.model_config
             return None
         self.teacher_config = t.model or read_model_config(t.checkpoint)
+        if t.model is not None and t.checkpoint:
+            check_matches_checkpoint(t.model, read_model_config(t.checkpoint), t.checkpoint, role="teacher.model")
         check_same_vocabulary(self.model_config, self.teacher_config)
         self.teacher_config.check_parallel(self.cfg.parallel, role="teacher")
         teacher = build_model(self.teacher_config, "teacher", groups=self.groups, seed=t.seed, init=True)

@@ -1,0 +1,69 @@
+"""Trainer configuration and launch helpers, in-process (no ranks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_opcd.config import ConfigError, ModelConfig
+from megatron_opcd.train import first_host
+from megatron_opcd.training.config import load_train_config
+from megatron_opcd.training.trainer import check_matches_checkpoint
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+BASE = "data:\n  train: x.jsonl\nmodel:\n  num_layers: 2\n"
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    cfg = load_train_config(_write(tmp_path, BASE))
+    assert cfg.algorithm.name == "opcd" and cfg.loss_kind == "reverse_kl"
+    assert cfg.loss.topk == 256 and cfg.loss.topk_from == "student" and cfg.loss.average == "sequence"
+    assert cfg.loss_temperature == cfg.generation.temperature == 1.0
+    assert cfg.teacher.mode == "self"
+    off = load_train_config(_write(tmp_path, BASE + "algorithm:\n  name: offpolicy_cd\nteacher: self\n"),
+                            ["generation.temperature=0.7"])
+    assert off.loss_kind == "forward_kl" and off.loss_temperature == 0.7
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    (BASE + "teachr: self\n", [], "unknown config section 'teachr'; did you mean 'teacher'?"),
+    (BASE + "teacher: other\n", [], "teacher: 'other' is not understood"),
+    (BASE, ["loss.topk=0"], "loss.topk=0 must be >= 1"),
+    (BASE, ["loss.kind=kl"], "loss.kind: expected"),
+    (BASE, ["schedule.warmup_steps=99"], "schedule.warmup_steps=99"),
+    (BASE, ["generation.temperature=0"], "generation.temperature=0"),
+    (BASE, ["teacher.mode=frozen"], "teacher.mode=frozen needs teacher.checkpoint"),
+    ("model:\n  num_layers: 2\n", [], "data.train is required"),
+    ("data:\n  train: x.jsonl\n", [], "give the student"),
+    (BASE, ["context.text=a", "context.pool=b"], "give one of context.text, context.file, context.pool"),
+])
+def test_bad_configs_fail_in_one_line(tmp_path, text, overrides, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(_write(tmp_path, text), overrides)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_batch_split(tmp_path):
+    cfg = load_train_config(_write(tmp_path, BASE), ["schedule.global_batch_size=8", "schedule.micro_batch_size=2"])
+    assert cfg.check_batches(dp_size=2) == 2
+    with pytest.raises(ConfigError, match="not divisible by schedule.micro_batch_size=2 x data-parallel size 3"):
+        cfg.check_batches(dp_size=3)
+
+
+def test_model_section_must_match_the_checkpoint():
+    saved = ModelConfig(num_layers=2, hidden_size=64)
+    check_matches_checkpoint(ModelConfig(num_layers=2, hidden_size=64, params_dtype="bf16"), saved, "/ck")
+    with pytest.raises(ConfigError) as exc:
+        check_matches_checkpoint(ModelConfig(num_layers=2, hidden_size=64, rotary_base=500000), saved, "/ck")
+    assert "model.rotary_base=500000 but the checkpoint has 10000" in str(exc.value)
+
+
+@pytest.mark.parametrize("nodes,first", [("gpu-a[017-018]", "gpu-a017"), ("gpu-a[017-018,020],gpu-b1", "gpu-a017"),
+                                         ("node1,node2", "node1"), ("n[3]", "n3"), ("a1,b[2-3]", "a1")])
+def test_first_host_of_slurm_nodelist(nodes, first):
+    assert first_host(nodes) == first

@@ -73,27 +73,53 @@ def pack(
     see `gather_response`)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    b = len(prompts)
-    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    seq = max(1, int(lengths.max()))
+    rows = [[(list(p), False), (list(r), True)] for p, r in zip(prompts, responses)]
+    return pack_segments(rows, pad_id=pad_id, position_offset=position_offset, pad_to_multiple=pad_to_multiple)
+
+
+def pack_segments(
+    rows: Sequence[Sequence[tuple[Sequence[int], bool]]],
+    *,
+    pad_id: int = 0,
+    position_offset: int = 0,
+    pad_to_multiple: int = 1,
+) -> PackedBatch:
+    """Pack rows made of segments `(token_ids, trained)`; the "response" of a row is every token
+    of its trained segments, in order (a multi-turn transcript: the student's turns are trained,
+    the environment's and the template's tokens are not). `pack` is the one-prompt-one-response
+    case. The aligned view has one row per trained token, so teacher and student transcripts that
+    differ only by untrained segments (the context) line up token for token."""
+    b = len(rows)
+    flat = [[t for ids, _ in row for t in ids] for row in rows]
+    trained = [[i for i, (ids, on) in enumerate(row) if on] for row in rows]
+    lengths = torch.tensor([len(f) for f in flat], dtype=torch.long)
+    seq = max(1, int(lengths.max()) if b else 1)
     seq = -(-seq // pad_to_multiple) * pad_to_multiple
     tokens = torch.full((b, seq), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
+    for i, row in enumerate(flat):
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    r_max = max(1, max(len(r) for r in responses))
+    positions_of = []  # per row: the positions of its trained tokens
+    for i, row in enumerate(rows):
+        pos, at = [], 0
+        for ids, on in row:
+            if on:
+                pos.extend(range(at, at + len(ids)))
+            at += len(ids)
+        if pos and pos[0] == 0 and position_offset == 0:
+            raise ValueError(f"row {i} starts with a trained token and has no cached prefix: nothing predicts it")
+        positions_of.append(pos)
+    r_max = max([1] + [len(p) for p in positions_of])
     index = torch.zeros(r_max, b, dtype=torch.long)
     mask = torch.zeros(r_max, b, dtype=torch.float32)
     resp = torch.full((r_max, b), pad_id, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if not r:
+    for i, pos in enumerate(positions_of):
+        if not pos:
             continue
-        if len(p) == 0 and position_offset == 0:
-            raise ValueError(f"row {i} has an empty prompt and no cached prefix: nothing predicts its first token")
-        n = len(r)
-        index[:n, i] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        n = len(pos)
+        p = torch.tensor(pos, dtype=torch.long)
+        index[:n, i] = p - 1  # the position before a token predicts it (-1: the cached prefix's last)
         mask[:n, i] = 1.0
-        resp[:n, i] = torch.tensor(list(r), dtype=torch.long)
+        resp[:n, i] = tokens[i, p]
     positions = torch.arange(seq)[None].expand(b, seq) + position_offset
     return PackedBatch(
         tokens=tokens,

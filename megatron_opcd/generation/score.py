@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.data.packing import gather_response, pack
+from megatron_opcd.data.packing import gather_response, pack, pack_segments
 from megatron_opcd.generation.stage import (
     PrefixCache,
     _prefill_prefix,
@@ -83,17 +83,22 @@ def score(
     return_logprobs: bool = False,
     vocab_size: Optional[int] = None,
     pad_id: int = 0,
+    segments=None,
 ) -> ScoreOutput:
     """Logits (and optionally log-probs) at the response positions of `[prefix; prompt; response]`.
 
     Call on every rank of the model's TP x PP group with the same arguments. `prefix` is token
-    ids or a `PrefixCache` (see `prefill_prefix`) shared by every row. Without a prefix every
+    ids or a `PrefixCache` (see `prefill_prefix`) shared by every row. `segments` (instead of
+    prompts/responses) scores multi-turn rows: the trained segments are the "response". Without a prefix every
     prompt needs at least one token. The model comes back in the train/eval mode it had.
     """
     prefix_cache = prefix if isinstance(prefix, PrefixCache) else None
     prefix_ids = list(prefix_cache.tokens if prefix_cache is not None else (prefix or []))
     p = len(prefix_ids)
-    packed = pack(prompts, responses, pad_id=pad_id, position_offset=p)
+    if segments is not None:  # multi-turn rows: (token_ids, trained) segments, see data.packing.pack_segments
+        packed = pack_segments(segments, pad_id=pad_id, position_offset=p)
+    else:
+        packed = pack(prompts, responses, pad_id=pad_id, position_offset=p)
     with inference_mode(model) as module:
         device = model_device(module)
         tokens = packed.tokens.to(device)  # [b, S]

@@ -5,9 +5,9 @@ Rules (../shared/STYLE.md habit 6): a docstring per field; unknown keys and wron
 rejected with a one-line `ConfigError` that names the field and the fix; never `assert` for user
 input. Cluster facts (node counts, paths, TP/PP degrees of a real job) live in `examples/`.
 
-The trainer's sections (data, context, algorithm, loss, generation, ...) are defined beside the
-code that reads them and registered in `SECTIONS`; this module holds the machinery, the model and
-the parallel layout.
+The trainer's sections (data, context, algorithm, loss, generation, ...) live in
+`megatron_opcd/training/config.py`; this module holds the machinery, the model and the parallel
+layout.
 """
 
 from __future__ import annotations
@@ -429,15 +429,6 @@ def check_runtime(model: ModelConfig, role: str = "model") -> None:
             raise ConfigError(f"{role}.params_dtype=fp16 is not supported on CPU; use fp32 or bf16")
 
 
-# Sections of the full configuration, by name. The trainer modules register theirs here.
-SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig}
-
-
-def register_section(name: str, cls: type) -> type:
-    SECTIONS[name] = cls
-    return cls
-
-
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -447,7 +438,6 @@ __all__ = [
     "from_dict",
     "load_yaml",
     "parse_override",
-    "register_section",
     "to_dict",
     "field",
 ]

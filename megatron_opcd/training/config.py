@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
 
 from megatron_opcd.config import (
@@ -395,9 +394,3 @@ def load_train_config(path: Optional[str], overrides: list[str] = ()) -> TrainCo
 def to_yaml_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
-
-def resolve_path(base: Optional[str], path: Optional[str]) -> Optional[Path]:
-    if path is None:
-        return None
-    p = Path(path)
-    return p if p.is_absolute() or base is None else Path(base).parent / p

@@ -10,6 +10,12 @@ Layout of a checkpoint folder:
 
 Atomicity: everything is written into `DIR.tmp-<nonce>` and renamed to DIR only after every rank
 finished and the marker is in place, so a crash mid-save never leaves a folder that looks complete.
+A save that fails (disk full, I/O error) removes its temporary folder and raises `CheckpointError`;
+the previous checkpoint is never touched before the new one is complete.
+
+Fault-injection hook for tests (docs/reliability.md), inert unless set:
+    OPCD_TEST_SLOW_SAVE_SECONDS=S   sleep S seconds on rank 0 after the marker is written and
+                                    before the rename, so a test can kill the job mid-save.
 """
 
 from __future__ import annotations
@@ -33,6 +39,59 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and the problem."""
+
+
+def _io_failures() -> tuple[type, ...]:
+    """What a failed checkpoint read/write raises: torch.distributed.checkpoint's
+    CheckpointException derives from BaseException (not Exception), so name it explicitly."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _write_failures() -> tuple[type, ...]:
+    """What a failed save raises (I/O, torch's writers, megatron's checks); a bug (TypeError...)
+    keeps its traceback."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (OSError, RuntimeError, CheckpointException, CheckpointingException)
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The rank-level error inside torch's CheckpointException (whose str() is a traceback)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        return _root(inner[0] if isinstance(inner, tuple) else inner)
+    return exc
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    exc = _root(exc)
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: " + (text.splitlines()[0] if text else "")[:limit]
+
+
+def _disk_full(exc: BaseException, folder: Path) -> Optional[str]:
+    """'no space left ...' when `exc` (or its cause) is ENOSPC/EDQUOT or the file system is
+    (nearly) full; None otherwise. torch's writers report ENOSPC as an opaque 'unexpected pos'."""
+    import errno
+
+    seen, cur = set(), exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if getattr(cur, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(cur):
+            break
+        cur = _root(cur) if _root(cur) is not cur else (cur.__cause__ or cur.__context__)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if cur is None and (free is None or free > 64 * 2**20):
+        return None
+    where = f" ({free / 2**20:.1f} MiB free at {folder})" if free is not None else ""
+    return f"no space left on the device{where}"
 
 
 def _rank() -> int:
@@ -64,7 +123,13 @@ def read_model_config(path: str | Path) -> ModelConfig:
             f"{path} is not a complete megatron-opcd checkpoint (no {MARKER} / model_config.yaml); "
             "point at a folder written by the trainer or tools/convert_checkpoint.py"
         )
-    data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file} is not valid YAML ({_first_line(exc, 120)}): the checkpoint is "
+                              "corrupted; re-convert or re-save it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg_file} does not hold a mapping of model fields: the checkpoint is corrupted")
     try:
         return from_dict(ModelConfig, data, "model_config.yaml")
     except ConfigError as exc:
@@ -72,7 +137,15 @@ def read_model_config(path: str | Path) -> ModelConfig:
 
 
 def read_meta(path: str | Path) -> dict:
-    return json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    marker = Path(path) / MARKER
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{marker} is unreadable ({_first_line(exc, 120)}): the checkpoint is corrupted; "
+                              f"delete {path} to resume from the previous one") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{marker} does not hold a JSON object: the checkpoint is corrupted; delete {path}")
+    return meta
 
 
 class AtomicCheckpointDir:
@@ -92,11 +165,22 @@ class AtomicCheckpointDir:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            failed = isinstance(exc, _write_failures()) and not isinstance(exc, CheckpointError)
+            full = _disk_full(exc, self.tmp.parent) if failed else None  # measured before the cleanup frees space
             if _rank() == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
+            if failed:
+                why = full or _first_line(exc)
+                raise CheckpointError(
+                    f"could not save the checkpoint {self.final}: {why}; nothing was written in its place and "
+                    "the previous checkpoint is intact; free space (or fix the error) and rerun to resume"
+                ) from exc
             return False
         _barrier()
         if _rank() == 0:
+            slow = float(os.environ.get("OPCD_TEST_SLOW_SAVE_SECONDS", "0") or 0)
+            if slow > 0:  # fault injection for tests only: a window in which to kill the job mid-save
+                time.sleep(slow)
             if self.final.exists():
                 old = self.final.parent / f"{self.final.name}.old-{time.time_ns()}"
                 os.replace(self.final, old)
@@ -139,18 +223,20 @@ def load_model_weights(model, folder: str | Path, *, strict: bool = True) -> Non
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     source = Path(folder) / "model"
+    if not Path(folder).exists():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; check the path")
     if not source.is_dir():
-        raise CheckpointError(f"{folder} has no model/ folder: not a megatron-opcd checkpoint")
+        raise CheckpointError(f"{folder} has no model/ folder: not a megatron-opcd checkpoint; point at a folder "
+                              "written by the trainer or tools/convert_checkpoint.py")
     module = unwrap(model)
     sharded = module.sharded_state_dict(prefix="")
     try:
         state = dist_checkpointing.load(
             sharded, str(source), strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL
         )
-    except Exception as exc:  # noqa: BLE001 - megatron raises many types for bad checkpoints
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except _io_failures() as exc:  # megatron and torch raise many types for bad checkpoints
         raise CheckpointError(
-            f"cannot load model weights from {source}: {type(exc).__name__}: {first[:300]}; "
+            f"cannot load model weights from {source}: {_first_line(exc)}; "
             "the checkpoint is corrupted, truncated or of another architecture"
         ) from exc
     module.load_state_dict(state, strict=False)

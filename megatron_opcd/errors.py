@@ -35,6 +35,20 @@ def _prefix() -> str:
     return f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
 
 
+# How gloo/NCCL/the TCP store report a peer that died or stopped answering (plain RuntimeErrors
+# from gloo, torch.distributed.DistError subclasses from NCCL and the store).
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
+              "NCCL communicator was aborted", "Socket Timeout", "gloo/transport")
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _PEER_LOST)
+
+
 def run_cli(fn: Callable[[], object], *, debug: bool = False) -> int:
     """Run `fn`; return the process exit code."""
     try:
@@ -54,4 +68,14 @@ def run_cli(fn: Callable[[], object], *, debug: bool = False) -> int:
             traceback.print_exc()
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"{_prefix()}error: {exc.strerror or exc}{where}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as exc:
+        if not _peer_failure(exc):
+            raise
+        if debug:
+            traceback.print_exc()
+        first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())[:300]
+        print(f"{_prefix()}error: lost contact with another rank ({type(exc).__name__}: {first}); a rank died or "
+              "hung: see the first rank's error above, then rerun to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
         return 1

@@ -180,6 +180,31 @@ def check_same_vocabulary(student: ModelConfig, teacher: ModelConfig) -> None:
         )
 
 
+def _pieces(tok) -> Optional[list[str]]:
+    """Every id's token string, for the two tokenizer backends of data/tokenizer.py (None: unknown)."""
+    sp = getattr(tok, "sp", None)
+    if sp is not None:
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    hf = getattr(tok, "tok", None)
+    if hf is not None and hasattr(hf, "convert_ids_to_tokens"):
+        return list(hf.convert_ids_to_tokens(list(range(len(hf)))))
+    return None
+
+
+def check_same_tokenizer(student_tok, teacher_tok, teacher_where: str) -> None:
+    """Same vocabulary size is not enough: every id must be the same token for both models."""
+    a, b = _pieces(student_tok), _pieces(teacher_tok)
+    first = None if a is None or b is None else next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if student_tok.vocab_size == teacher_tok.vocab_size and first is None:
+        return
+    detail = (f"; id {first} is {a[first]!r} for the student but {b[first]!r} for the teacher"
+              if first is not None else f" ({student_tok.vocab_size} vs {teacher_tok.vocab_size} tokens)")
+    raise ConfigError(
+        f"the teacher's tokenizer ({teacher_where}) differs from the student's ({student_tok.name}){detail}; "
+        "the teacher and the student must share one tokenizer"
+    )
+
+
 def build_models(student_config: ModelConfig, teacher_config: ModelConfig, *, groups=None,
                  seed: int = 1234, teacher_seed: Optional[int] = None, init: bool = True):
     """(student, teacher) for this rank, after checking that they share a vocabulary."""

@@ -336,6 +336,10 @@ class TrainConfig:
             raise ConfigError("data.train is required: a JSONL file of {\"prompt\": ...} lines")
         if self.model is None and not self.checkpoint.pretrained:
             raise ConfigError("give the student: a `model:` section or checkpoint.pretrained (a converted checkpoint)")
+        # Impossible splits fail here, before any rank starts (models read from checkpoints: in the Trainer).
+        for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
+            if model is not None:
+                model.check_parallel(self.parallel, role=role)
         if self.algorithm.name in ("offpolicy_cd", "seqkd") and self.teacher.mode == "self":
             # Allowed (the paper's self-teacher baselines), but the teacher then changes as the student learns.
             pass

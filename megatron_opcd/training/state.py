@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from megatron_opcd.checkpointing import (
     CheckpointError,
+    _first_line,
+    _io_failures,
     is_checkpoint,
     load_model_weights,
     read_meta,
@@ -52,11 +54,18 @@ def find_latest(path: str | Path) -> Optional[Path]:
 
 
 def cleanup_incomplete(run_dir: str | Path) -> list[str]:
-    """Remove leftovers of interrupted saves (`*.tmp-*`, `*.old-*`); rank 0 only."""
+    """Remove leftovers of interrupted saves (`*.tmp-*`, `*.old-*`); rank 0 only.
+
+    A kill between the two renames of a re-save (`X -> X.old-*`, `X.tmp-* -> X`) leaves only
+    `X.old-*`: that complete checkpoint is renamed back to X instead of being removed."""
     removed = []
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or (dist.is_initialized() and dist.get_rank() != 0):
         return removed
+    for child in sorted(run_dir.iterdir()):
+        name, sep, _ = child.name.partition(".old-")
+        if sep and not (run_dir / name).exists() and is_checkpoint(child):
+            child.rename(run_dir / name)
     for child in run_dir.iterdir():
         if ".tmp-" in child.name or ".old-" in child.name:
             shutil.rmtree(child, ignore_errors=True)
@@ -136,13 +145,18 @@ def load_training_checkpoint(path, *, model, optimizer, scheduler) -> dict:
             sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), is_loading=True)
             state = dist_checkpointing.load(sharded, str(path / "optimizer"))
             optimizer.load_state_dict(state)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot load the optimizer state from {path}/optimizer: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+        except _io_failures() as exc:  # torch's CheckpointException is a BaseException
+            raise CheckpointError(f"cannot load the optimizer state from {path}/optimizer: {_first_line(exc, 200)}; "
+                                  "the checkpoint is corrupted or truncated") from exc
     if scheduler is not None and "scheduler" in meta:
         scheduler.load_state_dict(meta["scheduler"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"
     if rng_file.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a truncated file raises RuntimeError/EOFError/UnpicklingError
+            raise CheckpointError(f"cannot read {rng_file}: {_first_line(exc, 200)}; the checkpoint is corrupted "
+                                  "or truncated") from exc
+        _set_rng_state(rng)
     return meta

@@ -34,6 +34,7 @@ from megatron_opcd.data.packing import gather_response, pack
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream, load_contexts, load_examples
 from megatron_opcd.data.render import PromptRenderer, common_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
+from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
 from megatron_opcd.training.engine import configure_schedule, forward_backward, main_grad, wrap_ddp, zero_grads
@@ -195,6 +196,10 @@ class Trainer:
         if t.model is not None and t.checkpoint:
             check_matches_checkpoint(t.model, read_model_config(t.checkpoint), t.checkpoint, role="teacher.model")
         check_same_vocabulary(self.model_config, self.teacher_config)
+        if t.checkpoint and tokenizer_dir(t.checkpoint) is not None:  # the teacher's own tokenizer travelled with it
+            from megatron_opcd.data.tokenizer import load_tokenizer
+
+            check_same_tokenizer(self.tokenizer, load_tokenizer(tokenizer_dir(t.checkpoint)), f"{t.checkpoint}/tokenizer")
         self.teacher_config.check_parallel(self.cfg.parallel, role="teacher")
         teacher = build_model(self.teacher_config, "teacher", groups=self.groups, seed=t.seed, init=True)
         if t.checkpoint:

@@ -44,7 +44,7 @@ class DivergenceSpec:
     renormalize: bool = False
     temperature: float = 1.0
     beta: float = 0.5
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 512
     vocab_size: Optional[int] = None
 
     def __post_init__(self):
@@ -114,9 +114,23 @@ class _Shard:
         return t
 
 
-def _fp32_copy(z: torch.Tensor) -> torch.Tensor:
-    """A fresh contiguous fp32 copy (callers overwrite it in place; the logits stay intact)."""
-    return z.to(torch.float32, copy=True)
+class _Scratch:
+    """Reusable fp32 `[rows, cols]` buffers, one per slot, allocated once per forward / backward:
+    every chunk and both models reuse them instead of allocating (and, on CPU, page-faulting) a
+    fresh vocabulary-sized buffer each time. Slot 0 and 1 are the only ones used."""
+
+    def __init__(self, rows: int, cols: int, device):
+        self.size, self.device, self.bufs = rows * cols, device, {}
+
+    def get(self, slot: int, rows: int, cols: int) -> torch.Tensor:
+        if slot not in self.bufs:
+            self.bufs[slot] = torch.empty(self.size, dtype=torch.float32, device=self.device)
+        return self.bufs[slot][: rows * cols].view(rows, cols)
+
+
+def _fp32_copy(z: torch.Tensor, scratch: _Scratch, slot: int = 0) -> torch.Tensor:
+    """A contiguous fp32 copy of `z` in a scratch buffer (callers overwrite it in place)."""
+    return scratch.get(slot, *z.shape).copy_(z)
 
 
 def _log_probs_into(x: torch.Tensor, z: torch.Tensor, log_z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -131,10 +145,10 @@ def _log_probs_into(x: torch.Tensor, z: torch.Tensor, log_z: torch.Tensor, tempe
     return x.sub_(((shift - hi.double()) / temperature).float().unsqueeze(-1))
 
 
-def _log_ratio(zs: torch.Tensor, zt: torch.Tensor, log_zs, log_zt, temperature: float) -> torch.Tensor:
+def _log_ratio(zs, zt, log_zs, log_zt, temperature: float, scratch: _Scratch) -> torch.Tensor:
     """`d = log p_s - log p_t = (z_s - z_t) / T - (log Z_s - log Z_t)`, fp32 `[c, n]`, from the
     logit difference rather than as a difference of two rounded log-probabilities."""
-    d = _fp32_copy(zt).neg_().add_(zs)  # in place on the fresh copy: z_s - z_t, one buffer
+    d = _fp32_copy(zt, scratch, slot=1).neg_().add_(zs)  # in place on the copy: z_s - z_t, one buffer
     if temperature != 1.0:
         d.div_(temperature)
     return d.sub_((log_zs - log_zt).float().unsqueeze(-1))
@@ -145,41 +159,40 @@ def _log_ratio(zs: torch.Tensor, zt: torch.Tensor, log_zs, log_zt, temperature: 
 # ------------------------------------------------------------------------------------------------
 
 
-def _lse_both(zs, zt, spec: DivergenceSpec, shard: _Shard) -> tuple[torch.Tensor, torch.Tensor]:
+def _lse_both(zs, zt, spec: DivergenceSpec, shard: _Shard, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary log-normalisers `[c]` (fp64) of both models' scaled logits."""
     parts = []
     for z in (zs, zt):
-        x = _fp32_copy(z[:, : shard.n_valid])  # [c, n_valid]: one live buffer
+        x = _fp32_copy(z[:, : shard.n_valid], scratch)  # [c, n_valid]: the one buffer, both models
         parts += list(M.lse_partials(x, spec.temperature))
-        del x  # freed before the teacher's buffer is allocated
     g = shard.all_gather(torch.stack(parts, dim=-1).double())  # [tp, c, 4]
     T = spec.temperature
     return M.merge_lse(g[..., 0], g[..., 1], T), M.merge_lse(g[..., 2], g[..., 3], T)
 
 
-def _exact_buffers(zs, zt, log_zs, log_zt, spec, shard, ls=None):
-    """`ls = log p_s` and `d = log p_s - log p_t` over this shard's valid columns, fp32 `[c, n]`."""
+def _exact_buffers(zs, zt, log_zs, log_zt, spec, shard, scratch, ls=None):
+    """`ls = log p_s` (in `ls` or scratch slot 0) and `d = log p_s - log p_t` (slot 1) over this
+    shard's valid columns, fp32 `[c, n]`."""
     zs, zt = zs[:, : shard.n_valid], zt[:, : shard.n_valid]
-    ls = torch.empty(zs.shape, dtype=torch.float32, device=zs.device) if ls is None else ls
-    return _log_probs_into(ls, zs, log_zs, spec.temperature), _log_ratio(zs, zt, log_zs, log_zt, spec.temperature)
+    ls = scratch.get(0, *zs.shape) if ls is None else ls
+    T = spec.temperature
+    return _log_probs_into(ls, zs, log_zs, T), _log_ratio(zs, zt, log_zs, log_zt, T, scratch)
 
 
-def _exact_forward_chunk(zs, zt, spec, shard):
-    log_zs, log_zt = _lse_both(zs, zt, spec, shard)
-    ls, d = _exact_buffers(zs, zt, log_zs, log_zt, spec, shard)
+def _exact_forward_chunk(zs, zt, spec, shard, scratch):
+    log_zs, log_zt = _lse_both(zs, zt, spec, shard, scratch)
+    ls, d = _exact_buffers(zs, zt, log_zs, log_zt, spec, shard, scratch)
     value, g_sum = M.exact_chunk_value(spec.resolved_kind, ls, d, spec.beta)
-    del ls, d
     sums = shard.all_gather(torch.stack([value, g_sum], dim=-1).double()).sum(dim=0)  # [c, 2], rank order
     return sums[:, 0], (log_zs, log_zt, sums[:, 0], sums[:, 1])
 
 
-def _exact_backward_chunk(zs, zt, saved, scale, spec, shard, out):
+def _exact_backward_chunk(zs, zt, saved, scale, spec, shard, out, scratch):
     """Writes dL/dz_s for this chunk into `out` `[c, v/tp]` fp32; `scale` `[c]` = grad_out / T."""
     log_zs, log_zt, value, g_sum = saved
     # ls lives in `out` itself: the gradient overwrites it, so only d is an extra buffer.
-    ls, d = _exact_buffers(zs, zt, log_zs, log_zt, spec, shard, ls=out[:, : shard.n_valid])
+    ls, d = _exact_buffers(zs, zt, log_zs, log_zt, spec, shard, scratch, ls=out[:, : shard.n_valid])
     M.exact_chunk_grad(spec.resolved_kind, ls, d, value.float(), g_sum.float(), spec.beta)
-    del d
     ls.mul_(scale.float().unsqueeze(-1))  # in place: ls now holds the gradient
     out[:, shard.n_valid :] = 0  # vocabulary padding: not a token, no gradient
 
@@ -189,7 +202,7 @@ def _exact_backward_chunk(zs, zt, saved, scale, spec, shard, out):
 # ------------------------------------------------------------------------------------------------
 
 
-def _topk_index_set(zs, zt, spec, shard):
+def _topk_index_set(zs, zt, spec, shard, scratch):
     """One pass per model: log-normalisers `[c]` and the global index set I `[c, K]` + valid mask."""
     k = min(spec.topk, shard.vocab_size)  # topk >= V is the exact divergence over I = everything
     kc = min(k, shard.v_local)  # candidates per rank; the same on every rank (all_gather shapes)
@@ -197,11 +210,11 @@ def _topk_index_set(zs, zt, spec, shard):
     wants = {"student": (True, False), "teacher": (False, True), "union": (True, True)}[spec.topk_from]
     parts, cands = [], []
     for z, want in zip((zs, zt), wants):
-        x = _fp32_copy(z[:, : shard.n_valid])  # [c, n_valid]: one live buffer
+        x = _fp32_copy(z[:, : shard.n_valid], scratch)  # [c, n_valid]: the one buffer, both models
         if want:
             # Selected on the raw logits: dividing by T > 0 keeps the order and adds no rounding.
             n = min(kc, x.shape[-1])
-            vals, idx = x.topk(n, dim=-1, sorted=False)  # [c, n]
+            vals, idx = M.local_topk(x, n)  # [c, n], ties to the lower column
             if n < kc:
                 # A shard with fewer real tokens than kc (vocabulary padding): fill with -inf
                 # candidates at distinct out-of-vocabulary indices, never selected since k <= V.
@@ -213,7 +226,6 @@ def _topk_index_set(zs, zt, spec, shard):
             cands += [vals.double(), idx.double()]  # indices < 2**53: exact in fp64
         m, s = M.lse_partials(x, spec.temperature)
         parts += [m.double().unsqueeze(-1), s.double().unsqueeze(-1)]
-        del x  # freed before the teacher's buffer is allocated
     g = shard.all_gather(torch.cat(parts + cands, dim=-1))  # [tp, c, 4 + 2 kc (x2 for union)]
     T = spec.temperature
     log_zs, log_zt = M.merge_lse(g[..., 0], g[..., 1], T), M.merge_lse(g[..., 2], g[..., 3], T)
@@ -236,8 +248,8 @@ def _local_columns(idx, shard):
     return owned, (idx - shard.start).clamp(0, shard.v_local - 1)
 
 
-def _topk_forward_chunk(zs, zt, spec, shard):
-    log_zs, log_zt, idx, valid = _topk_index_set(zs, zt, spec, shard)
+def _topk_forward_chunk(zs, zt, spec, shard, scratch):
+    log_zs, log_zt, idx, valid = _topk_index_set(zs, zt, spec, shard, scratch)
     owned, col = _local_columns(idx, shard)
     owned &= valid
     # Both models' logits at I, assembled from their owners: [2, c, K] fp64, then scaled in fp64.
@@ -259,9 +271,16 @@ def _topk_backward_chunk(zs, saved, scale, spec, shard, out):
     if spec.renormalize:
         out.zero_()  # renormalised over I: no gradient outside I
     else:
-        # log p_s computed in the output buffer itself, then exponentiated and scaled in place.
-        x = _log_probs_into(out[:, : shard.n_valid], zs[:, : shard.n_valid], log_zs, spec.temperature)
-        x.exp_().mul_((-coef_full * scale).float().unsqueeze(-1))  # -coef_full * scale * p_s
+        # p_s computed in the output buffer itself, as in `_log_probs_into` but with the fp64
+        # remainder of T log Z folded into the row factor (one pass fewer over the shard).
+        shift = log_zs * spec.temperature
+        hi = shift.float()
+        x = out[:, : shard.n_valid]
+        x.copy_(zs[:, : shard.n_valid]).sub_(hi.unsqueeze(-1))  # in place: x is the gradient buffer
+        if spec.temperature != 1.0:
+            x.div_(spec.temperature)
+        row = -coef_full * scale * torch.exp(-(shift - hi.double()) / spec.temperature)  # [c] fp64
+        x.exp_().mul_(row.float().unsqueeze(-1))  # -coef_full * scale * p_s
         out[:, shard.n_valid :] = 0  # vocabulary padding: not a token, no gradient
     src = (coef_i * scale.unsqueeze(-1)).where(owned, 0.0).to(out.dtype)
     out.scatter_add_(-1, col, src)
@@ -281,15 +300,17 @@ class _VocabParallelDivergence(torch.autograd.Function):
         zt = teacher_logits.detach().reshape(-1, v_local)
         chunk = _exact_forward_chunk if spec.topk is None else _topk_forward_chunk
         values, saved = [], []
+        scratch = _Scratch(min(spec.chunk_tokens, zs.shape[0]), v_local, zs.device)
         for lo in range(0, zs.shape[0], spec.chunk_tokens):
             hi = lo + spec.chunk_tokens
-            value, small = chunk(zs[lo:hi], zt[lo:hi], spec, shard)
+            value, small = chunk(zs[lo:hi], zt[lo:hi], spec, shard, scratch)
             values.append(value)
             saved.append(small)
         # Per-token tensors only ([T] or [T, K]); the logits themselves are saved by reference.
         ctx.saved_small = [torch.cat(list(parts)) for parts in zip(*saved)] if saved else []
         ctx.save_for_backward(zs, zt if spec.topk is None else None)
         ctx.spec, ctx.shard, ctx.shape, ctx.dtype = spec, shard, student_logits.shape, student_logits.dtype
+        del scratch  # freed now, not when ctx is
         out = torch.cat(values) if values else zs.new_zeros(0, dtype=torch.float64)
         return out.float().view(student_logits.shape[:-1])
 
@@ -299,18 +320,19 @@ class _VocabParallelDivergence(torch.autograd.Function):
         spec, shard = ctx.spec, ctx.shard
         scale = grad_output.reshape(-1).double() / spec.temperature  # [T]; d a / d z = 1 / T
         grad = torch.empty(zs.shape, dtype=ctx.dtype, device=zs.device)
+        scratch = _Scratch(min(spec.chunk_tokens, zs.shape[0]), shard.v_local, zs.device)
         for lo in range(0, zs.shape[0], spec.chunk_tokens):
             hi = lo + spec.chunk_tokens
             small = [t[lo:hi] for t in ctx.saved_small]
-            # fp32 gradients are written straight into `grad`; others go through one fp32 buffer.
-            out = grad[lo:hi] if grad.dtype == torch.float32 else torch.empty(grad[lo:hi].shape, dtype=torch.float32)
+            # fp32 gradients are written straight into `grad`; others go through scratch slot 0.
+            fp32 = grad.dtype == torch.float32
+            out = grad[lo:hi] if fp32 else scratch.get(0, *grad[lo:hi].shape)
             if spec.topk is None:
-                _exact_backward_chunk(zs[lo:hi], zt[lo:hi], small, scale[lo:hi], spec, shard, out)
+                _exact_backward_chunk(zs[lo:hi], zt[lo:hi], small, scale[lo:hi], spec, shard, out, scratch)
             else:
                 _topk_backward_chunk(zs[lo:hi], small, scale[lo:hi], spec, shard, out)
-            if out is not grad[lo:hi]:
+            if not fp32:
                 grad[lo:hi].copy_(out)  # cast to the input dtype
-            del out
         return grad.view(ctx.shape), None, None, None
 
 
@@ -325,7 +347,7 @@ def vocab_parallel_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     tp_group: Optional[dist.ProcessGroup] = None,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 512,
     vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token divergence between student and teacher, reduced across tensor-parallel ranks.

@@ -73,6 +73,42 @@ def merge_lse(m: torch.Tensor, s: torch.Tensor, temperature: float = 1.0) -> tor
 # --------------------------------------------------------------------------------------------
 
 
+TIE_BLOCK_ROWS = 64
+"""Rows per block when `local_topk` repairs a tie at the k-th value (bounds its temporaries)."""
+
+
+def local_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(k)` per row of `[c, n]`, with ties at the k-th value going to the lower column.
+
+    `torch.topk` picks arbitrarily among entries equal to the k-th value (the CPU kernel does;
+    bf16 logits tie often). Taking k + 1 values shows which rows have such a tie across the
+    boundary; only those are repaired, a block of rows at a time: every entry above the k-th
+    value stays, and the remaining slots go to the lowest columns equal to it.
+    """
+    if k == 0 or k == x.shape[-1]:
+        return x.topk(k, dim=-1, sorted=False)
+    vals, idx = x.topk(k + 1, dim=-1)  # [c, k + 1], sorted: the k-th and (k+1)-th are adjacent
+    bad = (vals[:, k - 1] == vals[:, k]).nonzero().squeeze(-1)
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    kth = vals[:, k - 1 :]  # [c, 1]
+    for lo in range(0, bad.numel(), TIE_BLOCK_ROWS):
+        rows = bad[lo : lo + TIE_BLOCK_ROWS]
+        xr, kr, vr, ir = x[rows], kth[rows], vals[rows], idx[rows]
+        above = vr > kr  # [r, k]: these stay
+        n_above = above.sum(dim=-1, keepdim=True)
+        # Above-threshold entries first (stable: keep their order), then the tied slots.
+        order = (~above).to(torch.int8).argsort(dim=-1, stable=True)
+        ir = ir.gather(-1, order)
+        # The k lowest columns equal to the k-th value: largest of (n - col) where tied, 0 elsewhere.
+        cols = torch.arange(x.shape[-1], 0, -1, device=x.device)
+        lowest = torch.where(xr == kr, cols, 0).topk(k, dim=-1).indices  # sorted: lowest col first
+        slot = torch.arange(k, device=x.device).expand_as(ir)
+        tied = lowest.gather(-1, (slot - n_above).clamp(min=0))
+        ir = torch.where(slot < n_above, ir, tied)
+        idx[rows], vals[rows] = ir, xr.gather(-1, ir)
+    return vals, idx
+
+
 def select_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
     """The global indices of the k largest `values` per row, ties broken by lower global index.
 

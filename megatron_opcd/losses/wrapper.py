@@ -86,7 +86,7 @@ class DivergenceLoss:
     """sequence: 1/|y| sum_t per sequence, then the mean over sequences (the paper); token: the mean over tokens."""
     batch_first: bool = False
     """False: logits `[s, b, v/tp]`, mask `[s, b]`; True: `[b, s, v/tp]` (GPTModel's output), mask `[b, s]`."""
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 512
     """Tokens per chunk in the divergence (memory: a few fp32 [chunk, v/tp] buffers)."""
     vocab_size: Optional[int] = None
     """The true vocabulary size when the TP-sharded vocabulary is padded."""

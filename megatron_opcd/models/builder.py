@@ -17,7 +17,7 @@ from megatron_opcd.models.spec import fp8_kwargs, layer_spec
 from megatron_opcd.parallel import ParallelGroups
 
 
-def transformer_config(model: ModelConfig, groups: ParallelGroups):
+def transformer_config(model: ModelConfig, groups: ParallelGroups, *, perform_initialization: bool = True):
     """megatron-core's TransformerConfig for `model` under this process's layout."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -51,6 +51,9 @@ def transformer_config(model: ModelConfig, groups: ParallelGroups):
         # Weights are initialised on the CPU from the full tensor (layout-invariant, see sharding.py)
         # and copied to the device; checkpoints overwrite them.
         use_cpu_initialization=True,
+        # Without init (a checkpoint will be loaded) megatron's own random init is skipped: it takes
+        # minutes for an 8B model on a CPU.
+        perform_initialization=perform_initialization,
         # The fused kernels below need CUDA (and apex/TE); torch implementations otherwise.
         bias_activation_fusion=on_gpu and model.transformer_impl == "transformer_engine",
         bias_dropout_fusion=False,
@@ -96,7 +99,7 @@ def build_model(
         role="model" if role == "student" else "teacher",
     )
     check_runtime(model_config, role="model" if role == "student" else "teacher")
-    config = transformer_config(model_config, groups)
+    config = transformer_config(model_config, groups, perform_initialization=init)
     spec = layer_spec(
         model_config,
         sequence_parallel=groups.sequence_parallel,

@@ -57,7 +57,12 @@ def run(config_path, overrides) -> dict:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     groups = parallel.initialize(cfg.parallel)
     try:
-        trainer = Trainer(cfg, groups)
+        if cfg.game is not None:  # a text game: multi-turn episodes (training/games.py)
+            from megatron_opcd.training.games import GameTrainer
+
+            trainer = GameTrainer(cfg, groups)
+        else:
+            trainer = Trainer(cfg, groups)
         return trainer.train()
     finally:
         parallel.destroy()

@@ -4,6 +4,8 @@
     python tools/extract_experience.py --ckpt DIR --problems train.jsonl --task math \\
         [--seeds 4] [--max-items-tokens 1024] [--out pool.json] \\
         [--select --val val.jsonl --out-best best.txt]
+    python tools/extract_experience.py --ckpt DIR --game frozen_lake|sokoban [--levels 0:64] \\
+        [--select --val-levels 1000000:1000032 --out-best best.txt]
     torchrun --nproc-per-node 8 tools/extract_experience.py --tp 2 --pp 2 ...   (DP = ranks / (TP x PP))
 
 The teacher solves the problems one after another; after each it writes "- EXPERIENCE ITEM:"
@@ -13,6 +15,8 @@ context of the pool. Outputs: --out (a JSON list of contexts: the trainer's `con
 <out>.runs.json (items and trace per seed); with --select, the accuracy of every context on
 --val (and of no context), the best context in --out-best (the trainer's `context.file`) and the
 scores in <out-best stem>.scores.json. Seeds are split over data-parallel replicas.
+With --game, the teacher plays the levels one after another (multi-turn episodes, --max-new-tokens
+per turn) and reflects on each transcript; contexts are selected by success rate on --val-levels.
 See docs/evaluation.md.
 """
 
@@ -31,8 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="teacher checkpoint folder (model_config.yaml, model/, tokenizer/)")
-    p.add_argument("--problems", required=True, help="JSONL of problems to learn from ({prompt, answer})")
-    p.add_argument("--task", required=True, help="grader: starts_with | language | math | choice | safety | exact | synthetic")
+    p.add_argument("--problems", default=None, help="JSONL of problems to learn from ({prompt, answer}); not with --game")
+    p.add_argument("--task", default=None, help="grader: starts_with | language | math | choice | safety | exact | synthetic")
+    p.add_argument("--game", default=None, choices=["frozen_lake", "sokoban"],
+                   help="learn from playing a text game instead: the teacher plays --levels levels one after another")
+    p.add_argument("--levels", default="0:64", help="with --game: level seeds A:B played for experience")
+    p.add_argument("--val-levels", default="1000000:1000032", help="with --game --select: validation level seeds A:B")
+    p.add_argument("--max-rounds", type=int, default=5, help="with --game: turns per episode")
+    p.add_argument("--game-options", default="{}", help="with --game: JSON object of game options")
     p.add_argument("--task-args", default="{}", help='JSON object of task arguments, e.g. \'{"num_choices": 5}\'')
     p.add_argument("--tokenizer", default=None, help="tokenizer folder/file (default: the checkpoint's tokenizer/)")
     p.add_argument("--seeds", type=int, default=3, help="contexts in the pool (one extraction run per seed)")
@@ -72,6 +82,10 @@ def run(args) -> dict:
     from megatron_opcd.evaluation import get_task
     from megatron_opcd.evaluation.templates import load_prompt
 
+    if args.game:
+        return _run_game(args)
+    if not args.problems or not args.task:
+        raise ConfigError("give --problems (JSONL) and --task (the grader), or --game frozen_lake|sokoban")
     if args.select and (not args.val or not args.out_best):
         raise ConfigError("--select needs --val (validation JSONL) and --out-best (file for the best context)")
     if args.seeds < 1 or args.max_items_tokens < 1 or args.batch_size < 1:
@@ -168,6 +182,127 @@ def run(args) -> dict:
                                                    "val": str(args.val), "n": len(val)}, indent=1) + "\n",
                                        encoding="utf-8")
                 say(f"[experience] validation accuracy without context {baseline:.3f}; per context "
+                    f"{', '.join(f'{s:.3f}' for s in scores)}; best #{best} -> {out_best}")
+        return result
+    finally:
+        parallel.destroy()
+
+
+def _seed_range(text: str, flag: str) -> list[int]:
+    from megatron_opcd.config import ConfigError
+
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r} must be A:B (the seeds A .. B-1)") from None
+    if b <= a:
+        raise ConfigError(f"{flag}={text!r} is empty")
+    return list(range(a, b))
+
+
+def _run_game(args) -> dict:
+    """--game: the teacher plays levels (episodes through the shared generation loop), reflects
+    after each, and the pool is selected by success rate on validation levels."""
+    from megatron_opcd.checkpointing import read_model_config, tokenizer_dir
+    from megatron_opcd.config import ConfigError, ParallelConfig
+    from megatron_opcd.data.tokenizer import TokenizerError, load_tokenizer
+    from megatron_opcd.envs.config import GameConfig
+    from megatron_opcd.evaluation.templates import load_prompt
+
+    if args.select and not args.out_best:
+        raise ConfigError("--select needs --out-best (file for the best context)")
+    if args.seeds < 1 or args.max_items_tokens < 1 or args.batch_size < 1:
+        raise ConfigError("--seeds, --max-items-tokens and --batch-size must be >= 1")
+    try:
+        options = json.loads(args.game_options)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--game-options is not valid JSON ({exc.msg})") from None
+    GameConfig(name=args.game, max_rounds=args.max_rounds, options=options)  # validates the options
+    levels, val_levels = _seed_range(args.levels, "--levels"), _seed_range(args.val_levels, "--val-levels")
+    reflect_t = load_prompt(args.reflect_prompt, required=["problem", "response", "experience"])
+    model_cfg = read_model_config(args.ckpt)
+    tok_path = args.tokenizer or tokenizer_dir(args.ckpt)
+    if tok_path is None:
+        raise ConfigError(f"{args.ckpt} has no tokenizer/ folder; pass --tokenizer")
+    try:
+        tok = load_tokenizer(tok_path)
+    except TokenizerError as exc:
+        raise ConfigError(str(exc)) from None
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_opcd import parallel
+    from megatron_opcd.checkpointing import load_model_weights
+    from megatron_opcd.data.render import PromptRenderer
+    from megatron_opcd.evaluation.experience import ModelCompleter, pool_contexts, select_best, write_pool
+    from megatron_opcd.evaluation.games import evaluate_game, extract_game_pool, model_player
+    from megatron_opcd.generation import SamplingParams
+    from megatron_opcd.models import build_model
+    from megatron_opcd.training.episodes import GameSetup
+
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    layout = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    groups = parallel.initialize(layout)
+    rank0 = dist.get_rank() == 0
+    say = print if rank0 else (lambda *_: None)
+    try:
+        model_cfg.check_parallel(layout)
+        model = build_model(model_cfg, "teacher", groups=groups, init=False)
+        load_model_weights(model, args.ckpt)
+        setup = GameSetup(args.game, max_rounds=args.max_rounds, options=options,
+                          use_chat_template=args.chat_template == "auto", placement=args.placement,
+                          separator=args.separator, max_total_tokens=model_cfg.max_position_embeddings)
+        common = dict(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, eos_ids=tuple(tok.eos_ids))
+        play_sampling = SamplingParams(max_new_tokens=args.max_new_tokens, **common)
+        renderer = PromptRenderer(
+            tok, use_chat_template=args.chat_template == "auto", placement=args.placement, separator=args.separator,
+            max_prompt_tokens=max(1, model_cfg.max_position_embeddings - args.reflect_max_new_tokens),
+            max_context_tokens=args.max_items_tokens + 64, max_total_tokens=model_cfg.max_position_embeddings,
+            max_new_tokens=args.reflect_max_new_tokens, too_long="truncate_context",
+        )
+        reflect = ModelCompleter(model, tok, renderer, groups=groups, vocab_size=model_cfg.vocab_size,
+                                 batch_size=args.batch_size,
+                                 sampling=SamplingParams(max_new_tokens=args.reflect_max_new_tokens, **common))
+        play = model_player(model, tok, setup, groups=groups, sampling=play_sampling, vocab_size=model_cfg.vocab_size)
+        seeds = list(range(args.seed_base, args.seed_base + args.seeds))
+        mine = seeds[groups.dp_rank::groups.dp_size]  # seeds split over data-parallel replicas
+        t0 = time.time()
+        runs = extract_game_pool(play, reflect, setup, levels, seeds=mine, count_tokens=lambda s: len(tok.encode(s)),
+                                 reflect_template=reflect_t, max_items_tokens=args.max_items_tokens,
+                                 policy=args.cap_policy, max_problems=args.max_problems, log=say) if mine else []
+        if groups.dp_size > 1:
+            parts: list = [None] * groups.dp_size
+            dist.all_gather_object(parts, runs, group=groups.dp_group)
+            runs = sorted((r for part in parts for r in part), key=lambda r: r.seed)
+        result = {"runs": runs, "seconds": time.time() - t0}
+        if rank0:
+            pool_path, runs_path = write_pool(args.out, runs)
+            say(f"[experience] wrote {pool_path} ({len(pool_contexts(runs))} of {len(runs)} seeds produced items) "
+                f"and {runs_path} in {result['seconds']:.1f}s")
+        contexts = pool_contexts(runs)
+        if args.select:
+            if not contexts:
+                raise ConfigError(f"no seed produced an experience item (see {Path(args.out).stem}.runs.json); "
+                                  "nothing to select: check --reflect-prompt or raise --reflect-max-new-tokens")
+            eval_sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+                                           greedy=True, eos_ids=tuple(tok.eos_ids))
+            kw = dict(groups=groups, sampling=eval_sampling, vocab_size=model_cfg.vocab_size,
+                      batch_size=args.batch_size)
+            baseline = evaluate_game(model, tok, setup, val_levels, **kw)["success"]
+            best, scores = select_best(contexts,
+                                       lambda c: evaluate_game(model, tok, setup, val_levels, context=c, **kw)["success"])
+            result.update(best=best, scores=scores, baseline=baseline)
+            if rank0:
+                out_best = Path(args.out_best)
+                out_best.parent.mkdir(parents=True, exist_ok=True)
+                out_best.write_text(contexts[best] + "\n", encoding="utf-8")
+                scores_path = out_best.with_name(out_best.stem + ".scores.json")
+                scores_path.write_text(json.dumps({"best": best, "scores": scores, "no_context": baseline,
+                                                   "game": args.game, "val_levels": args.val_levels}, indent=1) + "\n",
+                                       encoding="utf-8")
+                say(f"[experience] validation success without context {baseline:.3f}; per context "
                     f"{', '.join(f'{s:.3f}' for s in scores)}; best #{best} -> {out_best}")
         return result
     finally:

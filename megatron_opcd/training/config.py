@@ -14,6 +14,7 @@
     logging     metrics JSONL, TensorBoard, Weights & Biases, console
     evaluation  periodic evaluation with and without the context
     numerics    what to do with NaN/inf
+    game        a text game: multi-turn episodes instead of prompts (megatron_opcd.envs.config.GameConfig)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from megatron_opcd.config import (
     from_dict,
     load_yaml,
 )
+from megatron_opcd.envs.config import GameConfig
 
 
 @dataclass
@@ -311,6 +313,7 @@ SECTION_TYPES = {
     "logging": LoggingConfig,
     "evaluation": EvaluationConfig,
     "numerics": NumericsConfig,
+    "game": GameConfig,
 }
 
 
@@ -330,6 +333,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    game: Optional[GameConfig] = None
+    """Set: train on a text game (training.games.GameTrainer); data.train/data.eval are level files."""
 
     def __post_init__(self):
         if not self.data.train:

@@ -48,8 +48,9 @@ def _system_prompt(model: str, task: str) -> tuple[str, ...]:
 
 
 def _game(model: str, game: str) -> tuple[str, ...]:
+    # data.train/eval are level files (python -m megatron_opcd.envs --game ... --out FILE).
     return (f"checkpoint.pretrained={{ckpt}}/{model}", f"data.train={{data}}/{game}/train.jsonl",
-            f"context.pool={{data}}/{game}/experience.json")
+            f"data.eval={{data}}/{game}/eval.jsonl", f"context.pool={{data}}/{game}/experience.json")
 
 
 SETTINGS: dict[str, Setting] = {
@@ -66,7 +67,7 @@ SETTINGS: dict[str, Setting] = {
     "opcd_qwen2_5_7b_safety": Setting("opcd_qwen2.5-7b_safety_1n8g_tp2pp1", _system_prompt("qwen2.5-7b", "safety")),
     "opcd_qwen2_5_3b_medical": Setting("opcd_qwen2.5-3b_medical_1n8g_tp1pp1", _system_prompt("qwen2.5-3b", "medical")),
     "opcd_qwen2_5_3b_safety": Setting("opcd_qwen2.5-3b_safety_1n8g_tp1pp1", _system_prompt("qwen2.5-3b", "safety")),
-    # Text games: configs only (no game environment yet; see the YAMLs).
+    # Text games (megatron_opcd/envs, GameTrainer): multi-turn episodes.
     "opcd_qwen3_1_7b_frozenlake": Setting("opcd_qwen3-1.7b_frozenlake_1n8g_tp1pp1", _game("qwen3-1.7b", "frozenlake")),
     "opcd_qwen3_4b_instruct_sokoban": Setting("opcd_qwen3-4b-instruct_sokoban_1n8g_tp1pp1",
                                               _game("qwen3-4b-instruct", "sokoban")),

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Optional
 
@@ -170,10 +171,15 @@ class AtomicCheckpointDir:
             if _rank() == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             if failed:
-                why = full or _first_line(exc)
+                from megatron_opcd.errors import is_peer_failure
+
+                if is_peer_failure(_root(exc)):  # the save's collectives met a dead rank: not a storage problem
+                    why, fix = f"lost contact with another rank ({_first_line(exc, 200)})", "see that rank's error"
+                else:
+                    why, fix = full or _first_line(exc), "free space (or fix the error)"
                 raise CheckpointError(
                     f"could not save the checkpoint {self.final}: {why}; nothing was written in its place and "
-                    "the previous checkpoint is intact; free space (or fix the error) and rerun to resume"
+                    f"the previous checkpoint is intact; {fix} and rerun to resume"
                 ) from exc
             return False
         _barrier()
@@ -204,9 +210,72 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+
+    for name in _STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_WRITER_MANAGER = None
+
+
+class _ImmuneSpawnProcess(SpawnProcess):
+    """A `spawn` process that starts with the stop signals ignored: SIG_IGN survives exec (a
+    handler would not), so the child is immune through its seconds-long start-up. In the parent
+    the signals are blocked across the fork (Linux keeps a blocked signal pending even while its
+    action is SIG_IGN), then the handlers and the mask are restored and nothing is lost."""
+
+    def start(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return super().start()  # signal handlers can only be changed from the main thread
+        stop = [getattr(signal, name) for name in _STOP_SIGNALS]
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stop}
+        try:
+            super().start()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+class _ImmuneSpawnContext(SpawnContext):
+    Process = _ImmuneSpawnProcess
+
+
+def prepare_writer() -> None:
+    """Start megatron's checkpoint-writer results queue in a manager process that ignores
+    SIGTERM/SIGINT/SIGUSR1.
+
+    megatron-core (0.16) creates that queue lazily in a `spawn` Manager process that inherits the
+    default handlers: a scheduler's preemption signal sent to the whole process group (SLURM
+    does) kills it, and the checkpoint the trainer then writes on SIGTERM fails with "Connection
+    reset by peer". The trainer handles those signals itself; its helpers must outlive them."""
+    global _WRITER_MANAGER
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _WRITER_MANAGER is not None or getattr(filesystem_async, "_results_queue", False) is not None:
+        return  # ours already runs, or megatron's layout changed (then it makes its own)
+    manager = SyncManager(ctx=_ImmuneSpawnContext())
+    manager.start(initializer=_ignore_stop_signals)
+    _WRITER_MANAGER = manager
+    filesystem_async._results_queue = manager.Queue()
+
+
 def save_model_weights(model, folder: str | Path) -> None:
     """megatron-core dist_checkpointing save of `model` (one stage per rank) into folder/model."""
     from megatron.core import dist_checkpointing
+
+    prepare_writer()
 
     target = Path(folder) / "model"
     if _rank() == 0:

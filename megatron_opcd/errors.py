@@ -41,7 +41,8 @@ _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken p
               "NCCL communicator was aborted", "Socket Timeout", "gloo/transport")
 
 
-def _peer_failure(exc: BaseException) -> bool:
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because another rank died or stopped answering."""
     import torch.distributed as dist
 
     if isinstance(exc, getattr(dist, "DistError", ())):
@@ -70,7 +71,7 @@ def run_cli(fn: Callable[[], object], *, debug: bool = False) -> int:
         print(f"{_prefix()}error: {exc.strerror or exc}{where}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as exc:
-        if not _peer_failure(exc):
+        if not is_peer_failure(exc):
             raise
         if debug:
             traceback.print_exc()

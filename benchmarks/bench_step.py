@@ -1,0 +1,508 @@
+"""One OPCD training step against TRL's GKD trainer, and the cost of the teacher's shared context.
+
+    pip install -e '.[bench]'                       # trl==1.16.0 (transformers, datasets, accelerate)
+    .venv/bin/python benchmarks/bench_step.py        # ~5 minutes on 2 busy cores
+    .venv/bin/python benchmarks/bench_step.py --quick
+
+(a) vs_trl: generated response tokens per second of a whole training step (rollout, teacher
+    logits, loss, backward, clipped Adam step) of our `Trainer.train_step()` against TRL's
+    `GKDTrainer` (trl.experimental.gkd; `lmbda=1.0`: every step on-policy, `beta=1.0`: reverse KL
+    over the full vocabulary), run by `GKDTrainer.train()` itself, on the same model, teacher,
+    prompts and lengths:
+      - a random Llama (4 layers, hidden 256, 4 heads / 2 KV heads, ffn 688, vocab 8192, tied
+        embeddings, fp32) built with transformers; TRL trains it, ours gets the same weights
+        (megatron_opcd.convert); the frozen teacher is a second random Llama of the same shape,
+        in both;
+      - 8 prompts per step, every prompt exactly 32 tokens after the chat template (no padding on
+        either side), 64 sampled tokens per response at temperature 1 (top-k/top-p off);
+      - no EOS on either side, so every response has exactly 64 tokens: HF's generation config has
+        no eos_token_id, and our trainer's tokenizer gets `eos_ids = []` (the same as
+        min_new_tokens = max_new_tokens for both);
+      - (almost) no context: GKD's teacher sees what the student sees; our trainer requires a
+        context, so it gets a one-word system message (3 teacher-only tokens, scored through the
+        shared-prefix path like any context);
+      - ours as a user runs it: reverse KL over the student's top-256 (loss.topk default; the
+        headline), and loss.topk=null (exact, full vocabulary: the loss GKD computes) for reference;
+        one micro-batch of 8 (TRL does one forward of 8);
+      - TRL: fp32 (bf16=False) and gradient_checkpointing=False (TRL's defaults are bf16 and
+        checkpointing; checkpointing also turns off the KV cache in GKD's generation), AdamW, lr
+        1e-6, max_grad_norm 1.0 (ours: Adam, lr 1e-6, clip 1.0);
+      - the same torch thread count for both (1 by default: on a busy 2-core box two threads
+        oversubscribe and a run's timings swing by 10x either way); TRL runs in a spawned process
+        of its own (importing megatron_opcd pushes a CPU shim, a TorchFunctionMode that sees every
+        torch call, and sets RANK/WORLD_SIZE, which would make accelerate wrap TRL's model in DDP);
+        the two processes take turns, never run at once.
+    A step's time: ours, the `train_step()` call (batch selection included); TRL, from one
+    `on_step_end` to the next (its collation and logging included); the first step of every round is a warm-up and not timed. Rounds alternate ours / TRL, so a burst of load
+    elsewhere hits both; the ratio is the median of the per-round ratios, by each process's CPU
+    time (default, `--clock cpu`: on a shared machine wall time mostly measures the neighbours) or
+    by wall time (`--clock wall`); both are printed, with the time per phase (ours: the trainer's
+    time_* metrics; TRL: its generation, timed by a wrapper, and the rest).
+
+(b) context_overhead: `score(teacher, prompts, responses, prefix=context)` with a 2,048-token
+    shared context against the same call without it (8 x (32 prompt + 64 response) tokens); the
+    context is prefilled once at batch 1 and its KV cache copied to every row. For reference: the
+    same with the context's `PrefixCache` prefilled beforehand (what a frozen teacher with a fixed
+    context could reuse across steps), the context concatenated into every row (no reuse; two
+    runs only), and the prefill alone. Median of interleaved repeats.
+
+The last line is one JSON object: {"vs_trl": x, "context_overhead": y}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+SPECIALS = ["<pad>", "<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# One token per word and per role marker: a prompt of W words is W + 3 tokens.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test (numbers mean nothing)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8, help="prompts per step")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--context-tokens", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours / TRL")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per trainer per round")
+    p.add_argument("--score-repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process, the same for ours and TRL (1: on a busy 2-core box two threads "
+                        "oversubscribe and their timings swing by 10x)")
+    p.add_argument("--no-full-vocab", action="store_true", help="skip our loss.topk=null variant")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="time base of the JSON ratios: each process's CPU time (default: on a shared machine it "
+                        "counts the compute a process used, not the time others held the cores; exact with one "
+                        "thread) or wall-clock time; both are printed")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab = 2, 64, 4, 2, 128, 512
+        args.batch, args.prompt_tokens, args.new_tokens, args.context_tokens = 2, 8, 8, 128
+        args.rounds, args.steps, args.score_repeats, args.no_full_vocab = 1, 1, 1, True
+    if args.prompt_tokens < 4:
+        raise SystemExit("--prompt-tokens must be >= 4 (3 chat-template tokens + at least one word)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs built in code: tokenizer, prompts, models
+
+
+def make_tokenizer(folder: Path, vocab: int):
+    """A word-level HF tokenizer of exactly `vocab` tokens (w0, w1, ... plus the specials) with a
+    chat template; one token per word, so prompt lengths are exact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab - len(SPECIALS))]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                  additional_special_tokens=SPECIALS[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 1 << 20
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def make_prompts(n: int, words: int, vocab: int, seed: int) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab - len(SPECIALS), (n, words), generator=gen)
+    return [" ".join(f"w{i}" for i in row.tolist()) for row in ids]
+
+
+def build_hf(args, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(4096, args.context_tokens + args.prompt_tokens + args.new_tokens + 64),
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=None, pad_token_id=0, attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    # No EOS: every response runs to max_new_tokens (GKD copies this into its generation config).
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# ours
+
+
+def build_ours(args, work: Path, name: str, model_dict: dict, prompts_file: Path, tok_dir: Path, topk,
+               student_hf, teacher_hf, groups):
+    import yaml
+
+    from megatron_opcd.convert import load_hf_state_into_megatron
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.trainer import Trainer
+
+    cfg = {
+        "model": model_dict,
+        "teacher": {"model": model_dict, "seed": 99},  # random init, overwritten with the HF teacher below
+        "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "seed": 5},
+        "data": {"train": str(prompts_file), "tokenizer": str(tok_dir), "max_prompt_tokens": args.prompt_tokens + 8,
+                 "max_context_tokens": args.context_tokens, "seed": 3},
+        # OPCD needs a context; GKD has none: a one-word system message (3 teacher-only tokens).
+        "context": {"text": "w1", "placement": "system"},
+        "algorithm": {"name": "opcd"},
+        "loss": {"topk": topk},
+        "generation": {"max_new_tokens": args.new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+        "optimizer": {"lr": 1e-6, "clip_grad": 1.0},
+        "schedule": {"steps": 1_000_000, "global_batch_size": args.batch, "micro_batch_size": args.batch},
+        "logging": {"dir": str(work / f"logs_{name}"), "tensorboard": False, "progress": False},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    trainer = Trainer(load_train_config(str(path)), groups)
+    mcfg = trainer.model_config
+    # fp32 params: megatron's FP32Optimizer steps the parameters themselves, so writing them in
+    # place before the first step is the same as starting from these weights.
+    load_hf_state_into_megatron(trainer.student, student_hf.state_dict(), mcfg, groups)
+    load_hf_state_into_megatron(trainer.teacher, teacher_hf.state_dict(), mcfg, groups)
+    trainer.tokenizer.eos_ids = []  # no EOS: every response runs to max_new_tokens, as on the TRL side
+    return trainer
+
+
+def time_ours(trainer, steps: int, batch: int) -> dict:
+    """`steps` train_step()s, timed like TRL's (wall and this process's CPU time)."""
+    tokens, wall, cpu, phases = 0, 0.0, 0.0, {}
+    for _ in range(steps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = trainer.train_step()
+        wall += time.perf_counter() - w0
+        cpu += time.process_time() - c0
+        m = result.metrics
+        tokens += round(m["response_len"] * batch)
+        for k, v in m.items():
+            if k.startswith("time_"):
+                phases[k[5:]] = phases.get(k[5:], 0.0) + v
+    # The trainer's phase times are wall clock; scaled to the CPU time for the CPU-time profile.
+    return {"tokens": tokens, "wall": wall, "cpu": cpu,
+            "phases": {"wall": phases, "cpu": {k: v * cpu / max(wall, 1e-9) for k, v in phases.items()}}}
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL, in a process of its own: importing megatron_opcd pushes a CPU shim (a TorchFunctionMode that
+# sees every torch call) and our process group of one sets RANK/WORLD_SIZE, which accelerate would
+# take for a multi-CPU run (torch DDP around TRL's model). Neither belongs to a TRL run.
+
+
+def trl_worker(conn, args, tok_dir: str, prompts: list[str], work: str):
+    """Builds the same models and GKDTrainer, then runs one timed round per request."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(tok_dir)
+    student_hf, teacher_hf = build_hf(args, args.seed + 1), build_hf(args, args.seed + 2)
+    sums = (checksum(student_hf), checksum(teacher_hf))
+    trainer, clock, record = build_trl(args, Path(work), hf_tok, prompts, student_hf, teacher_hf)
+    conn.send({"checksums": sums, "mode": str(trainer.args.parallel_mode), "threads": torch.get_num_threads()})
+    while conn.recv() == "round":
+        torch.set_num_threads(args.threads)
+        conn.send(time_trl(trainer, clock, record, args.steps))
+    conn.close()
+
+
+@torch.no_grad()
+def checksum(model) -> float:
+    return float(sum(p.double().sum() for p in model.parameters()))
+
+
+class StepClock:
+    """Wall and process CPU time at every `on_step_end` (a transformers TrainerCallback)."""
+
+    def __init__(self):
+        self.ends: list[tuple[float, float]] = []
+
+    def hook(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.ends.append((time.perf_counter(), time.process_time()))
+
+        return _Callback()
+
+
+def build_trl(args, work: Path, hf_tok, prompts: list[str], student_hf, teacher_hf):
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "w0"}]} for p in prompts]
+    config = GKDConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        learning_rate=1e-6, max_grad_norm=1.0, lmbda=1.0, beta=1.0, temperature=1.0,
+        max_new_tokens=args.new_tokens, max_steps=args.steps + 1, logging_steps=1_000_000, save_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, disable_tqdm=True,
+        dataloader_num_workers=0, seed=args.seed, max_length=4 * (args.prompt_tokens + args.new_tokens),
+    )
+    clock = StepClock()
+    trainer = GKDTrainer(model=student_hf, teacher_model=teacher_hf, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=hf_tok, callbacks=[clock.hook()])
+    # Count the tokens GKD actually trains on and time its generation (a wrapper, same call).
+    record = {"tokens": [], "generate": []}
+    original = trainer.generate_on_policy_outputs
+
+    def counted(model, inputs, generation_config):
+        t0 = time.perf_counter(), time.process_time()
+        out = original(model, inputs, generation_config)
+        record["generate"].append((time.perf_counter() - t0[0], time.process_time() - t0[1]))
+        record["tokens"].append(int((out[2] != -100).sum()))  # labels: -100 on prompt and padding
+        record["prompt_len"] = int(inputs["prompts"].shape[1])
+        return out
+
+    trainer.generate_on_policy_outputs = counted  # an instance attribute: called unbound, like the staticmethod
+    return trainer, clock, record
+
+
+def time_trl(trainer, clock, record, steps: int) -> dict:
+    """One `train()` of steps + 1 steps; the first is a warm-up."""
+    clock.ends.clear()
+    record["tokens"].clear()
+    record["generate"].clear()
+    trainer.args.max_steps = steps + 1
+    trainer.train()
+    (w0, c0), (w1, c1) = clock.ends[0], clock.ends[-1]
+    gen = [sum(g[i] for g in record["generate"][1:]) for i in (0, 1)]
+    return {"tokens": sum(record["tokens"][1:]), "wall": w1 - w0, "cpu": c1 - c0, "prompt_len": record["prompt_len"],
+            "phases": {"wall": {"rollout": gen[0], "rest (teacher + loss + update)": w1 - w0 - gen[0]},
+                       "cpu": {"rollout": gen[1], "rest (teacher + loss + update)": c1 - c0 - gen[1]}}}
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) teacher scoring with and without the shared context
+
+
+def time_scoring(teacher, groups, prompts, responses, context, repeats: int, pad_id: int):
+    """Median wall and CPU seconds of each variant; and max |logits(prefix) - logits(concatenated)|."""
+    from megatron_opcd.generation import prefill_prefix, score
+
+    cache = prefill_prefix(teacher, context, groups=groups)
+    concat = [context + p for p in prompts]
+    calls = {
+        "without": lambda: score(teacher, prompts, responses, groups=groups, pad_id=pad_id),
+        "with": lambda: score(teacher, prompts, responses, groups=groups, prefix=context, pad_id=pad_id),
+        "with_cached": lambda: score(teacher, prompts, responses, groups=groups, prefix=cache, pad_id=pad_id),
+        "concatenated": lambda: score(teacher, concat, responses, groups=groups, pad_id=pad_id),
+        "prefill": lambda: prefill_prefix(teacher, context, groups=groups),
+    }
+    # The prefix path computes what the concatenated rows compute (this also warms every path up).
+    diff = float((calls["with"]().logits - calls["concatenated"]().logits).abs().max())
+    times = {k: {"wall": [], "cpu": []} for k in calls}
+    for r in range(repeats):  # interleaved: a burst of load elsewhere hits every variant
+        for k, fn in calls.items():
+            if k == "concatenated" and r >= 2:
+                continue  # a reference only, and ~50x the others: two runs
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[k]["wall"].append(time.perf_counter() - w0)
+            times[k]["cpu"].append(time.process_time() - c0)
+    return {k: {c: statistics.median(v[c]) for c in v} for k, v in times.items()}, diff
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+LABELS = {"top256": "ours, reverse KL over the student's top-256 (default)",
+          "full": "ours, reverse KL exact (loss.topk=null)",
+          "trl": "TRL GKDTrainer (lmbda=1, beta=1: reverse KL, full vocab)"}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("bench_step.py needs TRL: pip install -e '.[bench]'")
+    import multiprocessing as mp
+
+    print(f"load average at start (1/5/15 min): {loadavg()}; {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"trl {trl.__version__}, {args.threads} torch thread(s) per process; ours and TRL in two processes that "
+          f"take turns (never both at once)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        work = Path(tmp)
+        tok_dir = work / "tok"
+        make_tokenizer(tok_dir, args.vocab)
+        n_prompts = args.batch * (args.rounds + 1) * (args.steps + 1) * 2
+        prompts = make_prompts(n_prompts, args.prompt_tokens - 3, args.vocab, args.seed)
+        prompts_file = work / "train.jsonl"
+        prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+        # TRL's process starts first: its imports overlap with our set-up.
+        ctx = mp.get_context("spawn")
+        conn, child_conn = ctx.Pipe()
+        worker = ctx.Process(target=trl_worker, args=(child_conn, args, str(tok_dir), prompts, str(work)), daemon=True)
+        worker.start()
+        try:
+            result = run(args, work, tok_dir, prompts_file, conn)
+        finally:
+            try:
+                conn.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    print(f"load average at end: {loadavg()}")
+    print(json.dumps(result))
+
+
+def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
+    from megatron_opcd import parallel
+    from megatron_opcd.config import to_dict
+    from megatron_opcd.convert import model_config_from_hf
+
+    groups = parallel.initialize()
+    student_hf, teacher_hf = build_hf(args, args.seed + 1), build_hf(args, args.seed + 2)
+    model_dict = to_dict(model_config_from_hf(student_hf.config))
+    n_params = sum(p.numel() for p in student_hf.parameters())
+    print(f"model: random Llama, {n_params / 1e6:.2f}M parameters ({args.layers} layers, hidden {args.hidden}, "
+          f"{args.heads} heads / {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, tied), fp32; teacher: "
+          f"a second random Llama of the same shape; {args.batch} prompts x ({args.prompt_tokens} prompt + "
+          f"{args.new_tokens} sampled tokens) per step, no EOS; ours: a 3-token context, one micro-batch", flush=True)
+
+    ours = {"top256": build_ours(args, work, "top256", model_dict, prompts_file, tok_dir, 256,
+                                 student_hf, teacher_hf, groups)}
+    if not args.no_full_vocab:
+        ours["full"] = build_ours(args, work, "full", model_dict, prompts_file, tok_dir, None,
+                                  student_hf, teacher_hf, groups)
+    trainer = ours["top256"]
+    check = torch.randint(len(SPECIALS), args.vocab, (1, 16))
+    with torch.no_grad():
+        ref = student_hf(check).logits
+        s = check.shape[1]
+        causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+        mine = trainer.student(check, torch.arange(s)[None], causal, runtime_gather_output=True)[..., : args.vocab]
+    rendered = len(trainer.renderer.pair(trainer.stream.examples[0].prompt, None).student)
+
+    ready = conn.recv()
+    same = ready["checksums"] == (checksum(student_hf), checksum(teacher_hf))
+    print(f"same weights: max |logits(megatron) - logits(HF)| = {float((mine - ref).abs().max()):.1e}; TRL's "
+          f"student and teacher {'are' if same else 'are NOT'} these models (parameter checksums); TRL: "
+          f"{ready['mode']}, {ready['threads']} thread(s)", flush=True)
+    del student_hf, teacher_hf
+
+    # --- (a) -----------------------------------------------------------------------------------
+    for t in ours.values():  # one warm-up step each (TRL's first step of every round is untimed)
+        time_ours(t, 1, args.batch)
+    rounds = {k: [] for k in (*ours, "trl")}
+    for r in range(args.rounds):  # ours and TRL take turns, so a burst of load elsewhere hits both
+        for name, t in ours.items():
+            torch.set_num_threads(args.threads)
+            rounds[name].append(time_ours(t, args.steps, args.batch))
+        conn.send("round")
+        rounds["trl"].append(conn.recv())
+        line = ", ".join(f"{k} {v[-1]['tokens'] / v[-1]['wall']:.1f} ({v[-1]['tokens'] / v[-1]['cpu']:.1f})"
+                         for k, v in rounds.items())
+        print(f"  round {r + 1}/{args.rounds}: tokens per wall (CPU) second: {line}; load {loadavg()}", flush=True)
+    expected = args.batch * args.new_tokens * args.steps
+    for k, v in rounds.items():
+        if any(x["tokens"] != expected for x in v):
+            print(f"WARNING: {k} trained on {[x['tokens'] for x in v]} tokens per round, expected {expected}")
+    trl_prompt = rounds["trl"][0]["prompt_len"]
+    if trl_prompt != rendered:
+        print(f"WARNING: prompt lengths differ: TRL {trl_prompt}, ours {rendered}")
+
+    def speed(name, clock):
+        return sum(x["tokens"] for x in rounds[name]) / sum(x[clock] for x in rounds[name])
+
+    def ratio(name, clock):
+        return statistics.median((a["tokens"] / a[clock]) / (b["tokens"] / b[clock])
+                                 for a, b in zip(rounds[name], rounds["trl"]))
+
+    def profile(name, clock):
+        steps = sum(x["tokens"] for x in rounds[name]) / (args.batch * args.new_tokens)
+        total: dict = {}
+        for x in rounds[name]:
+            for k, v in x["phases"][clock].items():
+                total[k] = total.get(k, 0.0) + v
+        return ", ".join(f"{k} {1000 * v / steps:.0f} ms" for k, v in total.items())
+
+    print(f"\n(a) one training step, {args.batch} x {args.new_tokens} sampled tokens after {rendered}-token prompts "
+          f"(TRL: {trl_prompt}), {args.rounds} rounds x {args.steps} timed steps; ratio = median over rounds")
+    for clock in ("wall", "cpu"):
+        unit = "wall-clock second" if clock == "wall" else "CPU second of its process"
+        print(f"  tokens per {unit}:")
+        for k in rounds:
+            extra = f"  {ratio(k, clock):5.2f}x TRL" if k != "trl" else ""
+            print(f"    {LABELS[k]:<58} {speed(k, clock):8.1f}{extra}")
+            print(f"        per step: {profile(k, clock)}")
+    vs_trl = ratio("top256", args.clock)
+    print(f"vs_trl = ours (top-256, as a user runs it) / TRL, by {args.clock} time: {vs_trl:.3f}")
+
+    # --- (b) -----------------------------------------------------------------------------------
+    gen = torch.Generator().manual_seed(7)
+    score_prompts = trainer.select_batch(10**6).student_prompts
+    responses = torch.randint(len(SPECIALS), args.vocab, (len(score_prompts), args.new_tokens), generator=gen).tolist()
+    context = torch.randint(len(SPECIALS), args.vocab, (args.context_tokens,), generator=gen).tolist()
+    torch.set_num_threads(args.threads)
+    times, diff = time_scoring(trainer.teacher, groups, score_prompts, responses, context, args.score_repeats,
+                               trainer.tokenizer.pad_id)
+    base = times["without"]["wall"]
+    print(f"\n(b) teacher scoring of {len(score_prompts)} x ({len(score_prompts[0])} prompt + {args.new_tokens} "
+          f"response) tokens, median of {args.score_repeats} interleaved repeats, wall clock (CPU time); prefix path "
+          f"vs concatenated rows: max |logit diff| {diff:.1e}")
+    rows = [("without", "without context"),
+            ("with", f"with a {args.context_tokens}-token shared context (prefix=ids)"),
+            ("with_cached", "same, its PrefixCache prefilled beforehand"),
+            ("concatenated", "context concatenated into every row (no reuse)"),
+            ("prefill", "the prefill alone (batch 1)")]
+    for key, label in rows:
+        w, c = times[key]["wall"], times[key]["cpu"]
+        print(f"  {label:<54} {1000 * w:8.1f} ms ({1000 * c:8.1f})  {w / base:5.2f}x "
+              f"({c / times['without']['cpu']:.2f}x)")
+    overhead = times["with"][args.clock] / times["without"][args.clock]
+    print(f"context_overhead = with / without (prefix=ids, prefilled in the call, as the trainer does), by "
+          f"{args.clock} time: {overhead:.3f}")
+    for t in ours.values():
+        t.logger.close()
+    parallel.destroy()
+    return {"vs_trl": round(vs_trl, 3), "context_overhead": round(overhead, 3)}
+
+
+if __name__ == "__main__":
+    main()

@@ -41,10 +41,13 @@
 
 (b) context_overhead: `score(teacher, prompts, responses, prefix=context)` with a 2,048-token
     shared context against the same call without it (8 x (32 prompt + 64 response) tokens); the
-    context is prefilled once at batch 1 and its KV cache copied to every row. For reference: the
-    same with the context's `PrefixCache` prefilled beforehand (what a frozen teacher with a fixed
-    context could reuse across steps), the context concatenated into every row (no reuse; two
-    runs only), and the prefill alone. Median of interleaved repeats.
+    context's KV cache is copied to every row. Headline: the context's `PrefixCache` prefilled
+    once beforehand and reused, which is what the trainer does for a frozen teacher
+    (`Trainer.teacher_prefix`: once per run per context; once per step for `teacher: self`). For
+    reference: the prefill inside the call (`prefix=ids`), the context concatenated into every row
+    (no reuse; two runs only), and the prefill alone. Median of interleaved repeats. On this
+    5M-parameter model attention over 2,144 keys costs about as much as all the weight matmuls
+    (hidden 256), so the ratio is far above what a hidden-4096 teacher pays.
 
 The last line is one JSON object: {"vs_trl": x, "context_overhead": y}.
 """
@@ -487,17 +490,17 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
           f"response) tokens, median of {args.score_repeats} interleaved repeats, wall clock (CPU time); prefix path "
           f"vs concatenated rows: max |logit diff| {diff:.1e}")
     rows = [("without", "without context"),
-            ("with", f"with a {args.context_tokens}-token shared context (prefix=ids)"),
-            ("with_cached", "same, its PrefixCache prefilled beforehand"),
+            ("with_cached", f"with a {args.context_tokens}-token shared context, PrefixCache reused (headline)"),
+            ("with", "same, prefilled inside the call (prefix=ids)"),
             ("concatenated", "context concatenated into every row (no reuse)"),
             ("prefill", "the prefill alone (batch 1)")]
     for key, label in rows:
         w, c = times[key]["wall"], times[key]["cpu"]
         print(f"  {label:<54} {1000 * w:8.1f} ms ({1000 * c:8.1f})  {w / base:5.2f}x "
               f"({c / times['without']['cpu']:.2f}x)")
-    overhead = times["with"][args.clock] / times["without"][args.clock]
-    print(f"context_overhead = with / without (prefix=ids, prefilled in the call, as the trainer does), by "
-          f"{args.clock} time: {overhead:.3f}")
+    overhead = times["with_cached"][args.clock] / times["without"][args.clock]
+    print(f"context_overhead = with / without, the context's PrefixCache prefilled once and reused (what the "
+          f"trainer does for a frozen teacher: Trainer.teacher_prefix), by {args.clock} time: {overhead:.3f}")
     for t in ours.values():
         t.logger.close()
     parallel.destroy()

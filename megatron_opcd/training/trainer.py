@@ -91,9 +91,13 @@ class StepResult:
 
 
 class Trainer:
+    PREFIX_CACHE_ENTRIES = 4
+    """Teacher context caches kept at once (each: the context's keys/values on every layer)."""
+
     def __init__(self, cfg: TrainConfig, groups: ParallelGroups, *, log_dir: Optional[str] = None):
         self.cfg = cfg
         self.groups = groups
+        self._prefix_caches: dict = {}
         self.rank = dist.get_rank()
         self.step = 0
         self.consecutive_skips = 0
@@ -230,6 +234,25 @@ class Trainer:
     def student(self):
         return unwrap(self.ddp)
 
+    def teacher_prefix(self, prefix: list[int]):
+        """The teacher's KV cache of a shared context prefix, prefilled once and reused.
+
+        A frozen teacher's cache stays valid for the whole run (a few contexts are kept: a fixed
+        context, or the most recent ones of a pool); `teacher: self` changes with every update, so
+        its cache lives for one step (`train_step` clears it)."""
+        from megatron_opcd.generation import prefill_prefix
+
+        if not prefix:
+            return None
+        key = tuple(prefix)
+        cache = self._prefix_caches.get(key)
+        if cache is None:
+            cache = prefill_prefix(self.teacher_model, list(prefix), groups=self.groups)
+            while len(self._prefix_caches) >= self.PREFIX_CACHE_ENTRIES:
+                self._prefix_caches.pop(next(iter(self._prefix_caches)))  # oldest first
+            self._prefix_caches[key] = cache
+        return cache
+
     @property
     def teacher_model(self):
         return self.teacher if self.teacher is not None else self.student
@@ -272,8 +295,8 @@ class Trainer:
         else:
             prefix = common_prefix(batch.teacher_prompts)
             out = generate(self.teacher_model, [p[len(prefix):] for p in batch.teacher_prompts], self._sampling(step),
-                           groups=self.groups, vocab_size=self.model_config.vocab_size, prefix=prefix or None,
-                           decode=self.tokenizer.decode)
+                           groups=self.groups, vocab_size=self.model_config.vocab_size,
+                           prefix=self.teacher_prefix(prefix), decode=self.tokenizer.decode)
         responses = [list(r) if r else [self.tokenizer.eos_ids[0]] for r in out.responses]
         return Rollout(batch, responses, out.logprobs, time.perf_counter() - t0, sum(len(r) for r in responses))
 
@@ -293,8 +316,8 @@ class Trainer:
             prompts = rollout.batch.teacher_prompts[sl]
             prefix = common_prefix(prompts)
             res = score(self.teacher_model, [p[len(prefix):] for p in prompts], rollout.responses[sl],
-                        groups=self.groups, prefix=prefix or None, vocab_size=self.model_config.vocab_size,
-                        pad_id=self.tokenizer.pad_id)
+                        groups=self.groups, prefix=self.teacher_prefix(prefix),
+                        vocab_size=self.model_config.vocab_size, pad_id=self.tokenizer.pad_id)
             out.append(res.logits)
         return out
 
@@ -385,6 +408,8 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         step = self.step + 1
+        if self.teacher is None:
+            self._prefix_caches.clear()  # teacher: self -- last step's weights are gone
         times = {}
         t = time.perf_counter()
         batch = self.select_batch(step)

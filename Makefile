@@ -24,10 +24,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m megatron_opcd.demo
 
+# The whole suite: the main environment, then the NeMo-Run recipes in their own (test-recipes).
 # pytest exits 5 when it collected no tests: that is a failure here.
 test: $(STAMP)
 	$(VPY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
+	$(MAKE) --no-print-directory test-recipes
 
 # The NeMo-Run recipes, in their own environment: nemo-run pulls many packages the main one does not
 # need. The CPU torch goes in first here too, so nothing can replace it with a CUDA build.

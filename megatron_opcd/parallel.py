@@ -119,17 +119,16 @@ def _init_process_group(parallel: ParallelConfig) -> None:
     backend = parallel.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend=nccl needs CUDA; use parallel.backend=gloo (or null) on CPU")
+    timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     if "RANK" not in os.environ:
-        # A single process without a launcher: a group of one.
+        # A single process without a launcher: a group of one, on a free local port. The
+        # environment stays untouched (child processes must not inherit a stale MASTER_PORT).
         from megatron_opcd.launcher import free_port
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(
-        backend=backend,
-        timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
-    )
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1, timeout=timeout)
+        return
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def _collect(parallel: ParallelConfig) -> ParallelGroups:

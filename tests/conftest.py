@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import megatron_opcd  # noqa: F401 - installs the warning filters before megatron-core is imported
+
 # One torch thread in the test process too: ranks and tests share 2 cores.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")

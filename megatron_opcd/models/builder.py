@@ -51,8 +51,8 @@ def transformer_config(model: ModelConfig, groups: ParallelGroups, *, perform_in
         # Weights are initialised on the CPU from the full tensor (layout-invariant, see sharding.py)
         # and copied to the device; checkpoints overwrite them.
         use_cpu_initialization=True,
-        # Without init (a checkpoint will be loaded) megatron's own random init is skipped: it takes
-        # minutes for an 8B model on a CPU.
+        # Kept on even when a checkpoint will overwrite the weights: megatron-core 0.16 sets the
+        # tensor-parallel attributes of its parameters only inside its initialisation.
         perform_initialization=perform_initialization,
         # The fused kernels below need CUDA (and apex/TE); torch implementations otherwise.
         bias_activation_fusion=on_gpu and model.transformer_impl == "transformer_engine",
@@ -99,7 +99,7 @@ def build_model(
         role="model" if role == "student" else "teacher",
     )
     check_runtime(model_config, role="model" if role == "student" else "teacher")
-    config = transformer_config(model_config, groups, perform_initialization=init)
+    config = transformer_config(model_config, groups)
     spec = layer_spec(
         model_config,
         sequence_parallel=groups.sequence_parallel,

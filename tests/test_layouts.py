@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _layouts import layout_run, many_layouts, merge
+from _layouts import many_layouts, merge
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_model_matches_float64_reference(groups):
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
     got = model(ids, torch.arange(s)[None], mask)[0, :, :128].double()
     w = {n: p.detach().double() for n, p in model.named_parameters()}
-    h, nh, ng, hd = 64, 4, 2, 16
+    nh, ng, hd = 4, 2, 16
 
     def rms(x, g):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_epsilon) * g

@@ -150,7 +150,7 @@ def test_sigusr1_checkpoints_then_requeues(fake_slurm):
     script = tmp / "job.sbatch"
     script.write_text(
         "#!/bin/bash\nset -euo pipefail\nOPCD_ROOT=" + str(ROOT) + "\nsource \"$OPCD_ROOT/slurm/common.sh\"\n"
-        f'opcd_run examples/tiny_cpu_tp2.yaml -- "$@"\n')
+        'opcd_run examples/tiny_cpu_tp2.yaml -- "$@"\n')
     # The "program" torchrun runs: python -m megatron_opcd.train ... is replaced by the worker through
     # the stub, which receives its last two arguments: the worker script and the output folder.
     env = dict(fake_slurm["env"], SLURM_NNODES="1", SLURM_JOB_NAME="job", OPCD_RUNS=str(tmp / "runs"))

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +131,6 @@ def test_sigterm_saves_and_resumes(tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "megatron_opcd.train", "--config", str(cfg),
                               f"schedule.steps={saved_step + 1}"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stderr and f"at step {saved_step}" in resumed.stderr
+    assert "resumed from" in resumed.stderr and f"at step {saved_step}" in resumed.stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
     assert steps[-1] == saved_step + 1

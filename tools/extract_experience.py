@@ -32,6 +32,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _tokenizer(args):
+    """The checkpoint's tokenizer (or --tokenizer), with a one-line error."""
+    from megatron_opcd.checkpointing import tokenizer_dir
+    from megatron_opcd.config import ConfigError
+    from megatron_opcd.data.tokenizer import TokenizerError, load_tokenizer
+
+    tok_path = args.tokenizer or tokenizer_dir(args.ckpt)
+    if tok_path is None:
+        raise ConfigError(f"{args.ckpt} has no tokenizer/ folder; pass --tokenizer")
+    try:
+        return load_tokenizer(tok_path)
+    except TokenizerError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _teacher(args, model_cfg, layout, groups):
+    """This rank's stage of the checkpoint's model, frozen."""
+    from megatron_opcd.checkpointing import load_model_weights
+    from megatron_opcd.models import build_model
+
+    model_cfg.check_parallel(layout)
+    model = build_model(model_cfg, "teacher", groups=groups, init=False)
+    load_model_weights(model, args.ckpt)
+    return model
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="teacher checkpoint folder (model_config.yaml, model/, tokenizer/)")
@@ -75,10 +100,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     # Input checks first, before the heavy imports (megatron.core): a typo fails in a second.
-    from megatron_opcd.checkpointing import read_model_config, tokenizer_dir
+    from megatron_opcd.checkpointing import read_model_config
     from megatron_opcd.config import ConfigError, ParallelConfig
     from megatron_opcd.data.prompts import load_examples
-    from megatron_opcd.data.tokenizer import TokenizerError, load_tokenizer
     from megatron_opcd.evaluation import get_task
     from megatron_opcd.evaluation.templates import load_prompt
 
@@ -102,24 +126,16 @@ def run(args) -> dict:
     solve_t = load_prompt(args.solve_prompt, required=["problem"])
     reflect_t = load_prompt(args.reflect_prompt, required=["problem", "response", "experience"])
     model_cfg = read_model_config(args.ckpt)
-    tok_path = args.tokenizer or tokenizer_dir(args.ckpt)
-    if tok_path is None:
-        raise ConfigError(f"{args.ckpt} has no tokenizer/ folder; pass --tokenizer")
-    try:
-        tok = load_tokenizer(tok_path)
-    except TokenizerError as exc:
-        raise ConfigError(str(exc)) from None
+    tok = _tokenizer(args)
 
     import torch
     import torch.distributed as dist
 
     from megatron_opcd import parallel
-    from megatron_opcd.checkpointing import load_model_weights
     from megatron_opcd.data.render import PromptRenderer
     from megatron_opcd.evaluation import evaluate_task
     from megatron_opcd.evaluation.experience import ModelCompleter, extract_pool, pool_contexts, select_best, write_pool
     from megatron_opcd.generation import SamplingParams
-    from megatron_opcd.models import build_model
 
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -127,9 +143,8 @@ def run(args) -> dict:
     rank0 = dist.get_rank() == 0
     say = print if rank0 else (lambda *_: None)
     try:
-        model_cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp))
-        model = build_model(model_cfg, "teacher", groups=groups, init=False)
-        load_model_weights(model, args.ckpt)
+        model = _teacher(args, model_cfg, ParallelConfig(tensor_model_parallel_size=args.tp,
+                                                         pipeline_model_parallel_size=args.pp), groups)
         longest = max(args.max_new_tokens, args.reflect_max_new_tokens)
         renderer = PromptRenderer(
             tok, use_chat_template=args.chat_template == "auto", placement=args.placement, separator=args.separator,
@@ -203,9 +218,8 @@ def _seed_range(text: str, flag: str) -> list[int]:
 def _run_game(args) -> dict:
     """--game: the teacher plays levels (episodes through the shared generation loop), reflects
     after each, and the pool is selected by success rate on validation levels."""
-    from megatron_opcd.checkpointing import read_model_config, tokenizer_dir
+    from megatron_opcd.checkpointing import read_model_config
     from megatron_opcd.config import ConfigError, ParallelConfig
-    from megatron_opcd.data.tokenizer import TokenizerError, load_tokenizer
     from megatron_opcd.envs.config import GameConfig
     from megatron_opcd.evaluation.templates import load_prompt
 
@@ -221,24 +235,16 @@ def _run_game(args) -> dict:
     levels, val_levels = _seed_range(args.levels, "--levels"), _seed_range(args.val_levels, "--val-levels")
     reflect_t = load_prompt(args.reflect_prompt, required=["problem", "response", "experience"])
     model_cfg = read_model_config(args.ckpt)
-    tok_path = args.tokenizer or tokenizer_dir(args.ckpt)
-    if tok_path is None:
-        raise ConfigError(f"{args.ckpt} has no tokenizer/ folder; pass --tokenizer")
-    try:
-        tok = load_tokenizer(tok_path)
-    except TokenizerError as exc:
-        raise ConfigError(str(exc)) from None
+    tok = _tokenizer(args)
 
     import torch
     import torch.distributed as dist
 
     from megatron_opcd import parallel
-    from megatron_opcd.checkpointing import load_model_weights
     from megatron_opcd.data.render import PromptRenderer
     from megatron_opcd.evaluation.experience import ModelCompleter, pool_contexts, select_best, write_pool
     from megatron_opcd.evaluation.games import evaluate_game, extract_game_pool, model_player
     from megatron_opcd.generation import SamplingParams
-    from megatron_opcd.models import build_model
     from megatron_opcd.training.episodes import GameSetup
 
     if "OMP_NUM_THREADS" in os.environ:
@@ -248,9 +254,7 @@ def _run_game(args) -> dict:
     rank0 = dist.get_rank() == 0
     say = print if rank0 else (lambda *_: None)
     try:
-        model_cfg.check_parallel(layout)
-        model = build_model(model_cfg, "teacher", groups=groups, init=False)
-        load_model_weights(model, args.ckpt)
+        model = _teacher(args, model_cfg, layout, groups)
         setup = GameSetup(args.game, max_rounds=args.max_rounds, options=options,
                           use_chat_template=args.chat_template == "auto", placement=args.placement,
                           separator=args.separator, max_total_tokens=model_cfg.max_position_embeddings)

@@ -91,7 +91,6 @@ def pack_segments(
     differ only by untrained segments (the context) line up token for token."""
     b = len(rows)
     flat = [[t for ids, _ in row for t in ids] for row in rows]
-    trained = [[i for i, (ids, on) in enumerate(row) if on] for row in rows]
     lengths = torch.tensor([len(f) for f in flat], dtype=torch.long)
     seq = max(1, int(lengths.max()) if b else 1)
     seq = -(-seq // pad_to_multiple) * pad_to_multiple

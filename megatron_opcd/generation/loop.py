@@ -20,7 +20,7 @@ and broadcasts (token, log-prob) to every rank of the model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch

@@ -23,7 +23,6 @@ def _eval_examples(trainer):
 
 @torch.no_grad()
 def eval_kl(trainer, examples, step: int) -> tuple[float, list[list[int]]]:
-    from megatron_opcd.data.packing import gather_response, pack
     from megatron_opcd.data.render import common_prefix
     from megatron_opcd.generation import generate, score
     from megatron_opcd.losses import vocab_parallel_divergence

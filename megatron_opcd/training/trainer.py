@@ -17,7 +17,6 @@ memory (per micro-batch, last pipeline stage only) between phases (b) and (c).
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 import warnings

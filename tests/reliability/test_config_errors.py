@@ -6,7 +6,6 @@ subprocess per case would only add ~6 s of imports each."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

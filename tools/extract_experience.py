@@ -57,6 +57,39 @@ def _teacher(args, model_cfg, layout, groups):
     load_model_weights(model, args.ckpt)
     return model
 
+def _pool_from_seeds(args, runs, groups, seconds, say):
+    """Gather every DP replica's seed runs, write the pool (rank 0); (result dict, contexts).
+    With --select, a pool without any item is an error."""
+    import torch.distributed as dist
+
+    from megatron_opcd.config import ConfigError
+    from megatron_opcd.evaluation.experience import pool_contexts, write_pool
+
+    if groups.dp_size > 1:
+        parts: list = [None] * groups.dp_size
+        dist.all_gather_object(parts, runs, group=groups.dp_group)
+        runs = sorted((r for part in parts for r in part), key=lambda r: r.seed)
+    result = {"runs": runs, "seconds": seconds}
+    if dist.get_rank() == 0:
+        pool_path, runs_path = write_pool(args.out, runs)
+        say(f"[experience] wrote {pool_path} ({len(pool_contexts(runs))} of {len(runs)} seeds produced items) "
+            f"and {runs_path} in {seconds:.1f}s")
+    contexts = pool_contexts(runs)
+    if args.select and not contexts:
+        raise ConfigError(f"no seed produced an experience item (see {Path(args.out).stem}.runs.json); "
+                          "nothing to select: check --reflect-prompt or raise --reflect-max-new-tokens")
+    return result, contexts
+
+
+def _eval_kwargs(args, tok, groups, model_cfg) -> dict:
+    """Greedy evaluation settings shared by task and game selection."""
+    from megatron_opcd.generation import SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, greedy=True,
+                              eos_ids=tuple(tok.eos_ids))
+    return dict(groups=groups, sampling=sampling, vocab_size=model_cfg.vocab_size, batch_size=args.batch_size)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="teacher checkpoint folder (model_config.yaml, model/, tokenizer/)")
@@ -134,7 +167,7 @@ def run(args) -> dict:
     from megatron_opcd import parallel
     from megatron_opcd.data.render import PromptRenderer
     from megatron_opcd.evaluation import evaluate_task
-    from megatron_opcd.evaluation.experience import ModelCompleter, extract_pool, pool_contexts, select_best, write_pool
+    from megatron_opcd.evaluation.experience import ModelCompleter, extract_pool, select_best
     from megatron_opcd.generation import SamplingParams
 
     if "OMP_NUM_THREADS" in os.environ:
@@ -166,24 +199,9 @@ def run(args) -> dict:
                             max_items_tokens=args.max_items_tokens, policy=args.cap_policy,
                             solve_template=solve_t, reflect_template=reflect_t, max_problems=args.max_problems,
                             log=say) if mine else []
-        if groups.dp_size > 1:
-            parts: list = [None] * groups.dp_size
-            dist.all_gather_object(parts, runs, group=groups.dp_group)
-            runs = sorted((r for part in parts for r in part), key=lambda r: r.seed)
-        result = {"runs": runs, "seconds": time.time() - t0}
-        if rank0:
-            pool_path, runs_path = write_pool(args.out, runs)
-            say(f"[experience] wrote {pool_path} ({len(pool_contexts(runs))} of {len(runs)} seeds produced items) "
-                f"and {runs_path} in {result['seconds']:.1f}s")
-        contexts = pool_contexts(runs)
+        result, contexts = _pool_from_seeds(args, runs, groups, time.time() - t0, say)
         if args.select:
-            if not contexts:
-                raise ConfigError(f"no seed produced an experience item (see {Path(args.out).stem}.runs.json); "
-                                  "nothing to select: check --reflect-prompt or raise --reflect-max-new-tokens")
-            eval_sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
-                                           greedy=True, eos_ids=tuple(tok.eos_ids))
-            kw = dict(groups=groups, sampling=eval_sampling, vocab_size=model_cfg.vocab_size,
-                      batch_size=args.batch_size)
+            kw = _eval_kwargs(args, tok, groups, model_cfg)
             baseline = evaluate_task(model, tok, renderer, val, task, contexts=None, **kw)["accuracy"]
             best, scores = select_best(
                 contexts, lambda c: evaluate_task(model, tok, renderer, val, task, contexts=c, **kw)["accuracy"])
@@ -242,7 +260,7 @@ def _run_game(args) -> dict:
 
     from megatron_opcd import parallel
     from megatron_opcd.data.render import PromptRenderer
-    from megatron_opcd.evaluation.experience import ModelCompleter, pool_contexts, select_best, write_pool
+    from megatron_opcd.evaluation.experience import ModelCompleter, select_best
     from megatron_opcd.evaluation.games import evaluate_game, extract_game_pool, model_player
     from megatron_opcd.generation import SamplingParams
     from megatron_opcd.training.episodes import GameSetup
@@ -276,24 +294,9 @@ def _run_game(args) -> dict:
         runs = extract_game_pool(play, reflect, setup, levels, seeds=mine, count_tokens=lambda s: len(tok.encode(s)),
                                  reflect_template=reflect_t, max_items_tokens=args.max_items_tokens,
                                  policy=args.cap_policy, max_problems=args.max_problems, log=say) if mine else []
-        if groups.dp_size > 1:
-            parts: list = [None] * groups.dp_size
-            dist.all_gather_object(parts, runs, group=groups.dp_group)
-            runs = sorted((r for part in parts for r in part), key=lambda r: r.seed)
-        result = {"runs": runs, "seconds": time.time() - t0}
-        if rank0:
-            pool_path, runs_path = write_pool(args.out, runs)
-            say(f"[experience] wrote {pool_path} ({len(pool_contexts(runs))} of {len(runs)} seeds produced items) "
-                f"and {runs_path} in {result['seconds']:.1f}s")
-        contexts = pool_contexts(runs)
+        result, contexts = _pool_from_seeds(args, runs, groups, time.time() - t0, say)
         if args.select:
-            if not contexts:
-                raise ConfigError(f"no seed produced an experience item (see {Path(args.out).stem}.runs.json); "
-                                  "nothing to select: check --reflect-prompt or raise --reflect-max-new-tokens")
-            eval_sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
-                                           greedy=True, eos_ids=tuple(tok.eos_ids))
-            kw = dict(groups=groups, sampling=eval_sampling, vocab_size=model_cfg.vocab_size,
-                      batch_size=args.batch_size)
+            kw = _eval_kwargs(args, tok, groups, model_cfg)
             baseline = evaluate_game(model, tok, setup, val_levels, **kw)["success"]
             best, scores = select_best(contexts,
                                        lambda c: evaluate_game(model, tok, setup, val_levels, context=c, **kw)["success"])

@@ -57,6 +57,12 @@ def _teacher(args, model_cfg, layout, groups):
     load_model_weights(model, args.ckpt)
     return model
 
+def _check_counts(args) -> None:
+    from megatron_opcd.config import ConfigError
+
+    if args.seeds < 1 or args.max_items_tokens < 1 or args.batch_size < 1:
+        raise ConfigError("--seeds, --max-items-tokens and --batch-size must be >= 1")
+
 def _pool_from_seeds(args, runs, groups, seconds, say):
     """Gather every DP replica's seed runs, write the pool (rank 0); (result dict, contexts).
     With --select, a pool without any item is an error."""
@@ -145,8 +151,7 @@ def run(args) -> dict:
         raise ConfigError("give --problems (JSONL) and --task (the grader), or --game frozen_lake|sokoban")
     if args.select and (not args.val or not args.out_best):
         raise ConfigError("--select needs --val (validation JSONL) and --out-best (file for the best context)")
-    if args.seeds < 1 or args.max_items_tokens < 1 or args.batch_size < 1:
-        raise ConfigError("--seeds, --max-items-tokens and --batch-size must be >= 1")
+    _check_counts(args)
     try:
         task_args = json.loads(args.task_args)
     except json.JSONDecodeError as exc:
@@ -243,8 +248,7 @@ def _run_game(args) -> dict:
 
     if args.select and not args.out_best:
         raise ConfigError("--select needs --out-best (file for the best context)")
-    if args.seeds < 1 or args.max_items_tokens < 1 or args.batch_size < 1:
-        raise ConfigError("--seeds, --max-items-tokens and --batch-size must be >= 1")
+    _check_counts(args)
     try:
         options = json.loads(args.game_options)
     except json.JSONDecodeError as exc:

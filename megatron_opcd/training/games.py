@@ -76,11 +76,7 @@ class GameTrainer(Trainer):
     # the phases of a step
 
     def select_batch(self, step: int) -> GameBatch:
-        s = self.cfg.schedule
-        global_levels = self.stream.take(s.global_batch_size)  # same on every rank: the stream is deterministic
-        per_dp = s.global_batch_size // self.groups.dp_size
-        mine = global_levels[self.groups.dp_rank * per_dp:(self.groups.dp_rank + 1) * per_dp]
-        mine = [e for e in mine for _ in range(s.samples_per_prompt)]
+        mine = self.examples_for_step()  # level lines stream exactly as prompts do
         return GameBatch(mine, [self.level_seeds[e.index] for e in mine], self.sampler.for_batch(mine, step))
 
     def rollout(self, batch: GameBatch, step: int) -> GameRollout:

@@ -272,12 +272,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the phases of a step
 
-    def select_batch(self, step: int) -> Batch:
+    def examples_for_step(self) -> list[Example]:
+        """This DP rank's slice of the next global batch, each example repeated samples_per_prompt times."""
         s = self.cfg.schedule
         global_examples = self.stream.take(s.global_batch_size)  # same on every rank: the stream is deterministic
         per_dp = s.global_batch_size // self.groups.dp_size
         mine = global_examples[self.groups.dp_rank * per_dp:(self.groups.dp_rank + 1) * per_dp]
-        mine = [e for e in mine for _ in range(s.samples_per_prompt)]
+        return [e for e in mine for _ in range(s.samples_per_prompt)]
+
+    def select_batch(self, step: int) -> Batch:
+        mine = self.examples_for_step()
         contexts = self.sampler.for_batch(mine, step)
         pairs = [self.renderer.pair(e.prompt, c) for e, c in zip(mine, contexts)]
         return Batch(mine, contexts, [p.student for p in pairs], [p.teacher for p in pairs])

@@ -7,7 +7,7 @@ megatron-core GPTModel (megatron_opcd.convert), the two are checked to compute t
 and greedy decoding of 128 new tokens (no EOS: every row runs the full 128) is timed at batch 1
 and batch 8 (prompts of 16-40 tokens, left-padded for HF) for
 
-  ours      megatron_opcd.generation.generate (megatron-core StaticInferenceContext KV cache)
+  ours      megatron_opcd.generation.generate (megatron-core layers, our rotated-key KV cache + SDPA)
   nocache   the same loop with use_cache=False (the whole sequence recomputed every step)
   hf        transformers' model.generate (DynamicCache, SDPA attention)
 
@@ -98,7 +98,11 @@ def run_hf(hf, prompts, args):
     for i, p in enumerate(prompts):  # left padding, as HF decoder-only generation expects
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
-    with Clock() as clock, torch.no_grad():
+    from megatron_opcd.compat import redirect_suspended
+
+    # transformers needs none of megatron's CUDA shims: it runs without the compat layer's per-op
+    # redirect, as ours does inside generate (compat/cpu.py), so neither pays for it.
+    with Clock() as clock, torch.no_grad(), redirect_suspended():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                           min_new_tokens=args.new_tokens, do_sample=False)
     new = out[:, longest:]

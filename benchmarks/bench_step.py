@@ -45,9 +45,15 @@
     once beforehand and reused, which is what the trainer does for a frozen teacher
     (`Trainer.teacher_prefix`: once per run per context; once per step for `teacher: self`). For
     reference: the prefill inside the call (`prefix=ids`), the context concatenated into every row
-    (no reuse; two runs only), and the prefill alone. Median of interleaved repeats. On this
-    5M-parameter model attention over 2,144 keys costs about as much as all the weight matmuls
-    (hidden 256), so the ratio is far above what a hidden-4096 teacher pays.
+    (no reuse; (a)'s teacher only, two runs), and the prefill alone. Median of interleaved repeats.
+    Reuse removes the context's weight matmuls; what no reuse can remove is every response token
+    attending to the P context keys, 4 x P x hidden FLOPs per token and layer against roughly
+    22 x hidden^2 for the layer's weights: the floor falls with the width. Two teachers are
+    measured, each printed with that FLOP floor: (a)'s 5M-parameter teacher (hidden 256: the
+    context's attention costs about as much as the whole model, floor ~1.9) and the headline, a
+    teacher-shaped random Llama (`--teacher-shape`, default 2 layers of hidden 2048, 16 / 8 heads,
+    ffn 5632: the width of a 1B-class model; OPCD's teachers are 3B-8B, hidden 3072-4096, where
+    the floor is lower still).
 
 The last line is one JSON object: {"vs_trl": x, "context_overhead": y}.
 """
@@ -91,6 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours / TRL")
     p.add_argument("--steps", type=int, default=3, help="timed steps per trainer per round")
     p.add_argument("--score-repeats", type=int, default=7)
+    p.add_argument("--teacher-shape", type=int, nargs=5, default=[2, 2048, 16, 8, 5632],
+                   metavar=("LAYERS", "HIDDEN", "HEADS", "KV_HEADS", "FFN"),
+                   help="(b)'s headline teacher: a random megatron Llama of this shape (default: 2 layers of a "
+                        "1B-class width, hidden 2048; depth does not change the ratio); 0 0 0 0 0 skips it")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process, the same for ours and TRL (1: on a busy 2-core box two threads "
                         "oversubscribe and their timings swing by 10x)")
@@ -105,6 +115,7 @@ def parse_args(argv=None):
         args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab = 2, 64, 4, 2, 128, 512
         args.batch, args.prompt_tokens, args.new_tokens, args.context_tokens = 2, 8, 8, 128
         args.rounds, args.steps, args.score_repeats, args.no_full_vocab = 1, 1, 1, True
+        args.teacher_shape = [1, 128, 4, 2, 256]
     if args.prompt_tokens < 4:
         raise SystemExit("--prompt-tokens must be >= 4 (3 chat-template tokens + at least one word)")
     return args
@@ -311,8 +322,35 @@ def time_trl(trainer, clock, record, steps: int) -> dict:
 # (b) teacher scoring with and without the shared context
 
 
-def time_scoring(teacher, groups, prompts, responses, context, repeats: int, pad_id: int):
-    """Median wall and CPU seconds of each variant; and max |logits(prefix) - logits(concatenated)|."""
+def build_wide_teacher(args, groups):
+    """A random megatron Llama of `--teacher-shape` (the teacher OPCD distils from is the large model)."""
+    from megatron_opcd.config import ModelConfig
+    from megatron_opcd.models import build_model
+
+    layers, hidden, heads, kv_heads, ffn = args.teacher_shape
+    cfg = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=kv_heads,
+                      ffn_hidden_size=ffn, vocab_size=args.vocab, max_position_embeddings=4096)
+    return cfg, build_model(cfg, groups=groups, seed=args.seed).eval()
+
+
+def context_floor(cfg, context: int, row: int, vocab: int) -> float:
+    """1 + (FLOPs of attending to the context) / (FLOPs of the forward without it), per token.
+
+    Per token and layer: the weight matmuls 2 x (q + k + v + o + 3 x ffn) parameters, attention
+    over the row's own ~row/2 keys 4 x row/2 x hidden, and with the context 4 x P x hidden more;
+    plus the output layer, 2 x vocab x hidden per token."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    kv = h * (cfg.num_query_groups or cfg.num_attention_heads) // cfg.num_attention_heads
+    ffn = cfg.ffn_hidden_size or 4 * h
+    per_layer = 2 * (h * h + 2 * h * kv + h * h + 3 * h * ffn) + 4 * (row / 2) * h
+    without = layers * per_layer + 2 * vocab * h
+    return 1.0 + layers * 4 * context * h / without
+
+
+def time_scoring(teacher, groups, prompts, responses, context, repeats: int, pad_id: int, concatenated: bool = True):
+    """Median wall and CPU seconds of each variant; and max |logits(prefix) - logits(concatenated)|
+    (checked on the first two rows only when `concatenated` is off: the no-reuse variant is ~20-50x
+    the others and is then not timed)."""
     from megatron_opcd.generation import prefill_prefix, score
 
     cache = prefill_prefix(teacher, context, groups=groups)
@@ -325,7 +363,12 @@ def time_scoring(teacher, groups, prompts, responses, context, repeats: int, pad
         "prefill": lambda: prefill_prefix(teacher, context, groups=groups),
     }
     # The prefix path computes what the concatenated rows compute (this also warms every path up).
-    diff = float((calls["with"]().logits - calls["concatenated"]().logits).abs().max())
+    if concatenated:
+        diff = float((calls["with"]().logits - calls["concatenated"]().logits).abs().max())
+    else:
+        del calls["concatenated"]
+        two = score(teacher, concat[:2], responses[:2], groups=groups, pad_id=pad_id).logits
+        diff = float((calls["with"]().logits[:, :2] - two).abs().max())
     times = {k: {"wall": [], "cpu": []} for k in calls}
     for r in range(repeats):  # interleaved: a burst of load elsewhere hits every variant
         for k, fn in calls.items():
@@ -483,24 +526,40 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     responses = torch.randint(len(SPECIALS), args.vocab, (len(score_prompts), args.new_tokens), generator=gen).tolist()
     context = torch.randint(len(SPECIALS), args.vocab, (args.context_tokens,), generator=gen).tolist()
     torch.set_num_threads(args.threads)
-    times, diff = time_scoring(trainer.teacher, groups, score_prompts, responses, context, args.score_repeats,
-                               trainer.tokenizer.pad_id)
-    base = times["without"]["wall"]
-    print(f"\n(b) teacher scoring of {len(score_prompts)} x ({len(score_prompts[0])} prompt + {args.new_tokens} "
-          f"response) tokens, median of {args.score_repeats} interleaved repeats, wall clock (CPU time); prefix path "
-          f"vs concatenated rows: max |logit diff| {diff:.1e}")
-    rows = [("without", "without context"),
-            ("with_cached", f"with a {args.context_tokens}-token shared context, PrefixCache reused (headline)"),
-            ("with", "same, prefilled inside the call (prefix=ids)"),
-            ("concatenated", "context concatenated into every row (no reuse)"),
-            ("prefill", "the prefill alone (batch 1)")]
-    for key, label in rows:
-        w, c = times[key]["wall"], times[key]["cpu"]
-        print(f"  {label:<54} {1000 * w:8.1f} ms ({1000 * c:8.1f})  {w / base:5.2f}x "
-              f"({c / times['without']['cpu']:.2f}x)")
-    overhead = times["with_cached"][args.clock] / times["without"][args.clock]
-    print(f"context_overhead = with / without, the context's PrefixCache prefilled once and reused (what the "
-          f"trainer does for a frozen teacher: Trainer.teacher_prefix), by {args.clock} time: {overhead:.3f}")
+    teachers = [("(a)'s teacher", trainer.teacher, trainer.teacher_config, True)]
+    if all(args.teacher_shape):
+        wide_cfg, wide = build_wide_teacher(args, groups)
+        teachers.append(("teacher-shaped", wide, wide_cfg, False))
+    overheads = {}
+    for name, model, cfg, concatenated in teachers:
+        times, diff = time_scoring(model, groups, score_prompts, responses, context, args.score_repeats,
+                                   trainer.tokenizer.pad_id, concatenated=concatenated)
+        floor = context_floor(cfg, args.context_tokens, len(score_prompts[0]) + args.new_tokens, args.vocab)
+        base = times["without"]["wall"]
+        print(f"\n(b) {name} model ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
+              f"heads / {cfg.num_query_groups or cfg.num_attention_heads} KV heads, ffn {cfg.ffn_hidden_size}): "
+              f"teacher scoring of {len(score_prompts)} x ({len(score_prompts[0])} prompt + {args.new_tokens} "
+              f"response) tokens, median of {args.score_repeats} interleaved repeats, wall clock (CPU time); prefix "
+              f"path vs concatenated rows: max |logit diff| {diff:.1e}")
+        rows = [("without", "without context"),
+                ("with_cached", f"with a {args.context_tokens}-token shared context, PrefixCache reused"),
+                ("with", "same, prefilled inside the call (prefix=ids)"),
+                ("concatenated", "context concatenated into every row (no reuse)"),
+                ("prefill", "the prefill alone (batch 1)")]
+        for key, label in rows:
+            if key not in times:
+                continue
+            w, c = times[key]["wall"], times[key]["cpu"]
+            print(f"  {label:<54} {1000 * w:8.1f} ms ({1000 * c:8.1f})  {w / base:5.2f}x "
+                  f"({c / times['without']['cpu']:.2f}x)")
+        overheads[name] = times["with_cached"][args.clock] / times["without"][args.clock]
+        print(f"  with / without by {args.clock} time: {overheads[name]:.3f}; the FLOP floor (the context's "
+              f"attention, 4 x P x hidden per token and layer, over the forward's FLOPs): {floor:.2f}")
+    headline = "teacher-shaped" if "teacher-shaped" in overheads else "(a)'s teacher"
+    overhead = overheads[headline]
+    print(f"context_overhead = with / without on the {headline} model, the context's PrefixCache prefilled once and "
+          f"reused (what the trainer does for a frozen teacher: Trainer.teacher_prefix), by {args.clock} time: "
+          f"{overhead:.3f}")
     for t in ours.values():
         t.logger.close()
     parallel.destroy()

@@ -174,6 +174,33 @@ def single_process_checks() -> dict:
             len(PREFIX[:5]) + len(p) - 1 : len(PREFIX[:5]) + len(p) - 1 + len(r)]).abs().max())
         for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)) if r
     )
+
+    # Architecture options through the generation kernels (kernels.py), against plain forwards:
+    # QKV bias, QK-norm, untied output, biased linears (megatron adds the proj/fc2 bias outside the
+    # linear: skip_bias_add), and RoPE on half of each head's channels.
+    variants = {"qwen_bias": dict(add_qkv_bias=True, qk_layernorm=True, tie_embeddings=False, add_bias_linear=True),
+                "partial_rope": dict(rotary_percent=0.5)}
+    res["variants"] = {}
+    for name, kwargs in variants.items():
+        vmodel, _, vgroups = _model(1, 1, **kwargs)
+        vmodel.eval()
+        with torch.no_grad():  # biases start at zero: make them matter
+            for pname, param in vmodel.named_parameters():
+                if pname.endswith("bias"):
+                    param.normal_(0.0, 0.3)
+        out = score(vmodel, PROMPTS, RESPONSES, groups=vgroups, prefix=PREFIX[:5])
+        res["variants"][name] = {
+            "greedy": generate(vmodel, PROMPTS, greedy, groups=vgroups, vocab_size=v, prefix=PREFIX[:5]).responses,
+            "naive": [naive_greedy(vmodel, PREFIX[:5] + p, N, v)[0] for p in PROMPTS],
+            "score_err": max(
+                float((out.logits[: len(r), i] - naive_logits(vmodel, PREFIX[:5] + p + r)[
+                    5 + len(p) - 1 : 5 + len(p) - 1 + len(r)]).abs().max())
+                for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)) if r),
+        }
+    # generate/score put megatron's own modules back.
+    layer = model.decoder.layers[0]
+    res["modules_after"] = [type(m).__name__ for m in (layer.self_attention.core_attention,
+                                                       layer.self_attention.linear_qkv, layer.mlp.linear_fc2)]
     return res
 
 

@@ -78,6 +78,44 @@ def test_learned_absolute_positions(single):
     assert single["learned_score_err"] < 1e-5
 
 
+@pytest.mark.parametrize("variant", ["qwen_bias", "partial_rope"])
+def test_architecture_options_through_the_kernels(single, variant):
+    v = single["variants"][variant]
+    assert v["greedy"] == v["naive"]
+    assert v["score_err"] < 1e-5
+
+
+def test_megatron_modules_restored_after_generation(single):
+    assert single["modules_after"] == ["DotProductAttention", "ColumnParallelLinear", "RowParallelLinear"]
+
+
+def test_rotation_matches_megatron():
+    """kernels._rotate (applied once, when a key enters the cache) = megatron's apply_rotary_pos_emb,
+    for half-split and interleaved channel pairs and for partial rotary dims, per-row angles."""
+    from megatron_opcd.generation.kernels import _rotate  # first: megatron_opcd quiets megatron's import warnings
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd  # noqa: I001
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, 16, generator=gen, dtype=torch.float64)  # [s, b, h, d]
+    for rot in (16, 8):
+        freqs = torch.rand(5, 3, 1, rot, generator=gen, dtype=torch.float64) * 10  # per-row angles
+        for interleaved in (False, True):
+            ref = _apply_rotary_pos_emb_bshd(x, freqs, rotary_interleaved=interleaved)
+            ours = _rotate(x, torch.cos(freqs), torch.sin(freqs), interleaved)
+            assert torch.allclose(ours, ref, atol=1e-12), (rot, interleaved)
+
+
+def test_unsupported_attention_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from megatron_opcd.generation.kernels import check_supported
+
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        check_supported(SimpleNamespace(window_size=(128, 0), softmax_type="vanilla"))
+    with pytest.raises(NotImplementedError, match="softmax_type"):
+        check_supported(SimpleNamespace(window_size=None, softmax_type="learnable"))
+
+
 def test_ddp_wrapped_model(single):
     assert single["ddp"] == single["suite"]["greedy"]["responses"]
 

@@ -48,6 +48,19 @@ def test_compat_redirects_cuda_only_without_gpu(groups):
     torch.testing.assert_close(after, outside)
 
 
+def test_compat_redirect_suspended_only_inside_the_block(groups):
+    """generation's forward runs without the per-op redirect; everything around it keeps it."""
+    if torch.cuda.is_available():
+        pytest.skip("patches are inactive with CUDA")
+    from megatron_opcd.compat import redirect_suspended
+
+    with redirect_suspended():
+        assert torch.cuda.current_device() == torch.device("cpu")  # patch 2 still answers
+        with pytest.raises((RuntimeError, AssertionError)):  # no redirect: torch itself refuses CUDA
+            torch.zeros(1, device="cuda")
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+
 def test_teacher_is_frozen_and_student_trains(groups):
     from megatron_opcd.models import build_models
 

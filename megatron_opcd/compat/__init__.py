@@ -8,5 +8,6 @@
 from megatron_opcd.compat import optional, quiet  # noqa: F401 - quiet installs its filters
 from megatron_opcd.compat.cpu import apply as apply_cpu_patches
 from megatron_opcd.compat.cpu import check as check_cpu_patches
+from megatron_opcd.compat.cpu import redirect_suspended
 
-__all__ = ["apply_cpu_patches", "check_cpu_patches", "optional"]
+__all__ = ["apply_cpu_patches", "check_cpu_patches", "optional", "redirect_suspended"]

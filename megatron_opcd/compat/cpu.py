@@ -33,6 +33,7 @@ Patches (megatron-core 0.16.1):
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -183,3 +184,15 @@ def apply() -> bool:
 
 def is_applied() -> bool:
     return _applied
+
+
+@contextmanager
+def redirect_suspended():
+    """Run the block without patch 1's TorchFunctionMode (no-op where the patches are not applied).
+
+    Only for code that never asks for a CUDA placement by name (`device="cuda"`, `.cuda()`)."""
+    if not _applied:
+        yield
+        return
+    with torch._C.DisableTorchFunction():  # skips modes (ours is the only one) and tensor-subclass hooks
+        yield

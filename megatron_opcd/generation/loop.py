@@ -1,20 +1,19 @@
 """Batched incremental decoding over this rank's stage of a megatron-core GPT model (TP and PP).
 
-Layout of the batch in the KV cache (one slot offset for every row, as megatron's static context
-requires): every row is left-padded as a whole, so all rows end at the same slot.
+Layout of the batch in the KV cache (every row writes the same slot at each step):
 
-    slot:  0 .. pad_i-1 | pad_i .. pad_i+P-1 | .. P+L-1    | P+L .. P+L+N-1
-    row i: pads         | shared prefix      | prompt i    | generated tokens
+    slot:  0 .. P-1       | P .. P+pad_i-1 | .. P+L-1   | P+L .. P+L+N-1
+    row i: shared prefix  | pads           | prompt i   | generated tokens
+    pos:   0 .. P-1       | (masked)       | P .. P+n_i-1 | P+n_i ..
 
-Pads are masked as keys. RoPE rotates by cache slot (see stage.py), and only distances matter, so
-a row shifted by pad_i computes what it would compute alone; learned absolute embeddings get the
-true positions (`slot - pad_i`) through `position_ids`. A cached prefix (prefilled once at batch
-1) is copied into each row at its shift; the slots it would occupy at or after P are recomputed
-by the prompt prefill, which covers slots [P, P+L) for every row anyway.
+Pads are masked as keys. Keys are rotated with the token's position (not its slot, see
+stage.py), so a row's pads between prefix and prompt change nothing it computes: a cached prefix
+(prefilled once at batch 1) sits at slots [0, P) of every row and the prompt prefill covers slots
+[P, P+L). An empty prompt's row takes the prefix's last token as its prompt (see `_layout`).
 
-Each step the last stage gathers the full-vocabulary logits (megatron does it:
-`runtime_gather_output=True`), masks the padded vocabulary, samples with one seeded generator,
-and broadcasts (token, log-prob) to every rank of the model.
+Each step the last stage gathers the full-vocabulary logits of the last position, masks the padded
+vocabulary, samples with one seeded generator, and broadcasts (token, log-prob) to every rank of
+the model.
 """
 
 from __future__ import annotations
@@ -26,16 +25,17 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from megatron_opcd.generation.sampling import SamplingParams, sample
+from megatron_opcd.generation.cache import KVCache
+from megatron_opcd.generation.kernels import attach
 from megatron_opcd.generation.stage import (
     PrefixCache,
+    Rope,
     _prefill_prefix,
     broadcast_from_last_stage,
     causal_mask_with_keys,
-    context_with_prefix,
     forward_stage,
     inference_mode,
     model_device,
-    new_context,
 )
 from megatron_opcd.parallel import ParallelGroups
 
@@ -84,9 +84,8 @@ class _Layout:
     """Token, position and validity of every cache slot of every row (see the module docstring)."""
 
     tokens: torch.Tensor  # [b, T] int64
-    positions: torch.Tensor  # [b, T] int64: slot - pad (0 on pads)
+    positions: torch.Tensor  # [b, T] int64 (0 on pads: any id in range, they are masked)
     valid: torch.Tensor  # [b, T] bool, False for pads
-    pads: list[int]
     prefix_len: int
     prompt_len: int  # L: the longest prompt
 
@@ -96,52 +95,47 @@ class _Layout:
 
 
 def _layout(prefix: list[int], prompts: list[list[int]], max_new: int, device) -> _Layout:
+    """A row's last real token must sit in the last prompt slot (its logits give the first new
+    token). An empty prompt therefore takes the prefix's last token as its prompt, at that token's
+    position, and its copy in the cached prefix (slot P-1) is masked for that row."""
     b, p = len(prompts), len(prefix)
-    big = max(len(x) for x in prompts)
+    rows = [(prompt, p) if prompt else (prefix[-1:], p - 1) for prompt in prompts]  # (prompt, its first position)
+    big = max(len(x) for x, _ in rows)
     total = p + big + max_new
     tokens = torch.zeros(b, total, dtype=torch.long)
     valid = torch.ones(b, total, dtype=torch.bool)
-    pads = [big - len(x) for x in prompts]
-    for i, prompt in enumerate(prompts):
-        row = torch.tensor(prefix + prompt, dtype=torch.long)
-        tokens[i, pads[i] : p + big] = row
-        valid[i, : pads[i]] = False
-    shift = torch.tensor(pads)[:, None]
-    positions = (torch.arange(total)[None, :] - shift).clamp(min=0)  # pads: 0, any valid id; they are masked
-    return _Layout(tokens=tokens.to(device), positions=positions.to(device), valid=valid.to(device), pads=pads,
+    positions = torch.arange(total).repeat(b, 1)
+    tokens[:, :p] = torch.tensor(prefix, dtype=torch.long)
+    for i, (prompt, first) in enumerate(rows):
+        start = p + big - len(prompt)  # the slot of the prompt's first token
+        tokens[i, start : p + big] = torch.tensor(prompt, dtype=torch.long)
+        valid[i, p:start] = False
+        valid[i, first:p] = False  # the prefix token moved into the prompt (empty prompts only)
+        positions[i, start:] -= start - first  # the prompt continues at its position
+        positions[i, p:start] = 0
+    return _Layout(tokens=tokens.to(device), positions=positions.to(device), valid=valid.to(device),
                    prefix_len=p, prompt_len=big)
 
 
 class _CachedStepper:
-    """Prefill, then one token per step through megatron's static KV cache."""
+    """Prefill, then one token per step through the KV cache (attached to the module by `generate`)."""
 
-    def __init__(self, module, lay: _Layout, groups: ParallelGroups, prefix: Optional[PrefixCache]):
-        self.module, self.lay, self.groups = module, lay, groups
-        b, total = lay.tokens.shape
+    def __init__(self, module, lay: _Layout, groups: ParallelGroups, prefix: Optional[PrefixCache], cache: KVCache):
+        self.module, self.lay, self.groups, self.cache = module, lay, groups, cache
+        self.rope = Rope(module, lay.tokens.shape[1])
         if prefix is not None:
-            self.ctx = context_with_prefix(prefix, b, total, row_offsets=lay.pads)
-        else:
-            self.ctx = new_context(b, total)
-        self.prefix = prefix
+            cache.load_prefix(prefix.kv, len(prefix))
 
     def _run(self, start: int, end: int) -> Optional[torch.Tensor]:
         lay = self.lay
         mask = causal_mask_with_keys(lay.valid, start, end - start)  # [b, 1, s, end]
-        assert self.ctx.sequence_len_offset == start
+        assert self.cache.offset == start
         logits = forward_stage(self.module, lay.tokens[:, start:end], lay.positions[:, start:end], mask,
-                               groups=self.groups, ctx=self.ctx)
-        self.ctx.sequence_len_offset = end  # megatron leaves advancing the cache to the caller
+                               groups=self.groups, rope=self.rope, cache=self.cache, last_only=True)
         return None if logits is None else logits[:, -1, :]  # [b, V]
 
     def prefill(self) -> Optional[torch.Tensor]:
-        lay = self.lay
-        self.ctx.enable_prefill_mode()
-        if lay.prompt_len:
-            last = self._run(self.ctx.sequence_len_offset, lay.first_gen_slot)
-        else:  # every prompt is empty: no shift, the prefix's last position predicts the first token
-            last = None if self.prefix.last_logits is None else self.prefix.last_logits.expand(len(lay.pads), -1)
-        self.ctx.enable_decode_mode()
-        return last
+        return self._run(self.cache.offset, self.lay.first_gen_slot)
 
     def step(self, slot: int) -> Optional[torch.Tensor]:
         """Feed the token at `slot` (already written into the layout); logits for `slot + 1`."""
@@ -149,16 +143,18 @@ class _CachedStepper:
 
 
 class _RecomputeStepper:
-    """The same loop without a cache: every step runs the whole sequence so far (the reference
-    the cache is measured and tested against)."""
+    """The same loop without a cache: every step runs the whole sequence so far through megatron's
+    own core attention (the reference the cache is measured and tested against)."""
 
     def __init__(self, module, lay: _Layout, groups: ParallelGroups):
         self.module, self.lay, self.groups = module, lay, groups
+        self.rope = Rope(module, lay.tokens.shape[1])
 
     def _run(self, end: int) -> Optional[torch.Tensor]:
         lay = self.lay
         mask = causal_mask_with_keys(lay.valid, 0, end)
-        logits = forward_stage(self.module, lay.tokens[:, :end], lay.positions[:, :end], mask, groups=self.groups)
+        logits = forward_stage(self.module, lay.tokens[:, :end], lay.positions[:, :end], mask, groups=self.groups,
+                               rope=self.rope, last_only=True)
         return None if logits is None else logits[:, -1, :]
 
     def prefill(self) -> Optional[torch.Tensor]:
@@ -212,13 +208,15 @@ def generate(
                 f"max_position_embeddings={limit}; shorten the inputs or lower max_new_tokens"
             )
         lay = _layout(prefix_ids, prompts, params.max_new_tokens, model_device(module))
-        if use_cache:
-            if prefix_ids and prefix_cache is None:
-                prefix_cache = _prefill_prefix(module, prefix_ids, groups)
-            stepper = _CachedStepper(module, lay, groups, prefix_cache)
-        else:
+        if not use_cache:
             stepper = _RecomputeStepper(module, lay, groups)
-        return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
+            return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
+        if prefix_ids and prefix_cache is None:
+            prefix_cache = _prefill_prefix(module, prefix_ids, groups)
+        cache = KVCache(len(prompts), lay.tokens.shape[1])
+        with attach(module, cache):
+            stepper = _CachedStepper(module, lay, groups, prefix_cache, cache)
+            return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
 
 
 def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: ParallelGroups, vocab_size: int,

@@ -20,14 +20,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_opcd.data.packing import gather_response, pack, pack_segments
-from megatron_opcd.generation.stage import (
-    PrefixCache,
-    _prefill_prefix,
-    context_with_prefix,
-    forward_stage,
-    inference_mode,
-    model_device,
-)
+from megatron_opcd.generation.cache import KVCache
+from megatron_opcd.generation.kernels import attach
+from megatron_opcd.generation.stage import PrefixCache, Rope, _prefill_prefix, forward_stage, inference_mode, model_device
 from megatron_opcd.parallel import ParallelGroups
 
 
@@ -104,19 +99,17 @@ def score(
         tokens = packed.tokens.to(device)  # [b, S]
         positions = packed.position_ids.to(device)
         b, s = tokens.shape
+        mask = packed.attention_mask.to(device)  # [b, 1, S, S] causal + padding within each row
+        cache = KVCache(b, p + s)
         if p:
             if prefix_cache is None:
                 prefix_cache = _prefill_prefix(module, prefix_ids, groups)
-            ctx = context_with_prefix(prefix_cache, b, p + s, last_token_only=False)
+            cache.load_prefix(prefix_cache.kv, p)
             # Every row sees the whole prefix, then causal + padding within its own row.
-            mask = torch.cat([torch.zeros(b, 1, s, p, dtype=torch.bool), packed.attention_mask], dim=-1)
-            logits = forward_stage(module, tokens, positions, mask.to(device), groups=groups, ctx=ctx)
-            if logits is not None:
-                # In inference mode megatron gathers the vocabulary; keep this rank's shard.
-                logits = _shard(logits, groups)
-        else:
-            logits = forward_stage(module, tokens, positions, packed.attention_mask.to(device),
-                                   groups=groups, gather=False)  # [b, S, V/tp]
+            mask = torch.cat([torch.zeros(b, 1, s, p, dtype=torch.bool, device=device), mask], dim=-1)
+        with attach(module, cache):
+            logits = forward_stage(module, tokens, positions, mask, groups=groups, rope=Rope(module, p + s),
+                                   cache=cache, gather=False)  # [b, S, V/tp]
     mask = packed.response_mask
     if logits is None:
         return ScoreOutput(logits=None, logprobs=None, mask=mask)

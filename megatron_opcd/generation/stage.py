@@ -1,24 +1,22 @@
-"""One forward of this rank's pipeline stage, with megatron-core's static KV cache.
+"""One forward of this rank's pipeline stage, with the generation KV cache (cache.py).
 
-What megatron-core 0.16.1 offers and what this module adds (details: docs/generation.md):
+`forward_stage` runs megatron-core's own pieces of the `GPTModel` in the order its `forward` does
+(embedding on the first stage, the `TransformerBlock` with its final norm, the output layer on the
+last stage), with two differences that make a cache possible:
 
-* `StaticInferenceContext(max_batch, max_seq)` is the KV cache. Each attention layer allocates
-  `[max_seq, max_batch, groups/tp, head_dim]` key and value buffers on first use, writes the new
-  keys/values at `[sequence_len_offset : +s]` and attends over `[: sequence_len_offset + s]`.
-  The caller advances `sequence_len_offset`. It runs on the CPU (the dynamic engine does not).
-* The cache stores keys *before* RoPE; RoPE is applied to all cached keys at every step, with
-  the rotation of the cache *slot*, not of `position_ids` (which only feed learned absolute
-  embeddings). Every row shares one slot offset, so a row left-padded by `pad` is rotated as if
-  its tokens sat `pad` positions later; RoPE depends on distances only, so that is exact as long
-  as the whole row (prefix included) is shifted by the same amount, which is how loop.py lays
-  out a batch.
-* In inference mode (`inference_context` given, model in eval) the model insists on
-  `runtime_gather_output=True` (full-vocabulary logits on every TP rank) and, with the static
-  context's default `materialize_only_last_token_logits`, returns the last position only.
-* The local `DotProductAttention` ignores `attn_mask_type` and applies the `attention_mask` it
-  is given as `masked_fill(mask, -10000)`; when the cache is past offset 0, megatron switches
-  the mask type to `no_mask`, which changes nothing for the local path. We always pass an
-  explicit boolean mask `[b, 1, sq, sk]` (True = masked) covering the whole cache.
+* RoPE by position, per row. `GPTModel.forward` builds one rotary table for slots 0..s-1 shared by
+  every row; we hand the block a `[s, b, 1, d]` table gathered at each row's `position_ids`, so a
+  key is rotated with its token's true position wherever its row keeps it in the cache (pads may
+  sit between prefix and prompt). Learned absolute embeddings get the same `position_ids`.
+* With a `KVCache`, the layers run with the forward-only kernels of kernels.py (`attach`): the
+  cache's attention rotates queries and keys itself (cos/sin computed once per forward, not per
+  layer), and the output layer can run on the last position only.
+
+Without a cache the layers keep megatron's own core attention (`DotProductAttention` on the CPU),
+which is what the tests compare the cached path against.
+
+Masks are megatron's convention here, `[b, 1, sq, sk]` bool with True = masked; the cache turns
+them into SDPA's additive mask once per forward (`KVCache.set_inputs`).
 """
 
 from __future__ import annotations
@@ -30,6 +28,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opcd.generation.cache import KVCache
+from megatron_opcd.generation.kernels import attach
 from megatron_opcd.parallel import ParallelGroups
 
 
@@ -44,8 +44,11 @@ def _pp_peer(groups: ParallelGroups, offset: int) -> int:
 @contextmanager
 def inference_mode(model):
     """Unwrap megatron wrappers, switch to eval without grad, and turn sequence parallelism off
-    (a one-token decode step cannot be split along the sequence); restore all of it afterwards."""
+    (a one-token decode step cannot be split along the sequence); restore all of it afterwards.
+    On the CPU the block also runs without the compat layer's per-op CUDA redirect (nothing here
+    names CUDA; see `compat.cpu.redirect_suspended`)."""
     from megatron_opcd.checkpointing import unwrap
+    from megatron_opcd.compat import redirect_suspended
 
     module = unwrap(model)
     was_training = module.training
@@ -56,7 +59,7 @@ def inference_mode(model):
         set_model_to_sequence_parallel(module, False)
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), redirect_suspended():
             yield module
     finally:
         if sp:
@@ -66,13 +69,26 @@ def inference_mode(model):
             module.set_input_tensor(None)  # drop the last received activation
 
 
-def new_context(max_batch: int, max_seq: int, *, last_token_only: bool = True):
-    """megatron-core's static KV cache for `max_batch` rows of up to `max_seq` tokens."""
-    from megatron.core.inference.contexts import StaticInferenceContext
+class Rope:
+    """Rotary angles gathered per row at `position_ids` (None for models without RoPE).
 
-    ctx = StaticInferenceContext(max_batch, max_seq)
-    ctx.materialize_only_last_token_logits = last_token_only
-    return ctx
+    megatron's `RotaryEmbedding(n)` gives the angles of positions 0..n-1 (`[n, 1, 1, d]`, rope
+    scaling and rotary_percent included); one table is built per call of `generate`/`score` and
+    indexed every step, so a decode step computes nothing but a gather."""
+
+    def __init__(self, module, max_positions: int):
+        kind = getattr(module, "position_embedding_type", "rope")
+        if kind not in ("rope", "learned_absolute", "none"):
+            raise NotImplementedError(f"position_embedding_type={kind!r} is not supported by generation "
+                                      "(rope, learned_absolute and none are)")
+        self.table = None
+        if kind == "rope":
+            self.table = module.rotary_pos_emb(max_positions)[:, 0, 0, :]  # [n, d]
+
+    def __call__(self, position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.table is None:
+            return None
+        return self.table[position_ids.t()].unsqueeze(2)  # [b, s] -> [s, b, 1, d]
 
 
 def forward_stage(
@@ -82,33 +98,46 @@ def forward_stage(
     attention_mask: torch.Tensor,
     *,
     groups: ParallelGroups,
-    ctx=None,
+    rope: Rope,
+    cache: Optional[KVCache] = None,
     gather: bool = True,
+    last_only: bool = False,
 ) -> Optional[torch.Tensor]:
     """Run `tokens` ([b, s], the same on every rank) through this stage; hidden states travel
-    stage to stage over `groups.pp_group`. Returns the logits `[b, s or 1, V or V/tp]` on the last
-    stage (full vocabulary if `gather` or `ctx` is given), None elsewhere.
+    stage to stage over `groups.pp_group`. Returns the logits `[b, s, V or V/tp]` (`[b, 1, ...]`
+    with `last_only`) on the last stage, full vocabulary if `gather`; None elsewhere.
 
-    With `ctx`, the new keys/values go to cache slots `[ctx.sequence_len_offset : +s]` and the
-    mask must cover `[0, offset + s)`; the caller advances the offset."""
+    `attention_mask` is `[b, 1, s, sk]` bool, True = masked. With `cache` (attached to `module`
+    with `kernels.attach`), the new keys/values go to slots `[cache.offset, +s)`, the mask covers
+    `[0, cache.offset + s)`, and the offset is advanced here."""
     b, s = tokens.shape
-    if not groups.is_first_stage:
-        cfg = module.config
+    cfg = module.config
+    rotary = rope(position_ids)  # [s, b, 1, rot_dim] angles, or None
+    if cache is not None:  # what every CachedCoreAttention of this forward shares, computed once
+        cos = sin = None
+        if rotary is not None:  # in the model's dtype, as megatron's apply_rotary_pos_emb casts them
+            cos, sin = torch.cos(rotary).to(cfg.params_dtype), torch.sin(rotary).to(cfg.params_dtype)
+        groups_ = cfg.num_query_groups or cfg.num_attention_heads
+        cache.set_inputs(attention_mask, cfg.num_attention_heads // groups_, cfg.params_dtype, cos, sin)
+        rotary = None  # the cache's attention rotates; megatron's layers must not rotate again
+    if groups.is_first_stage:
+        hidden = module.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
+    else:
         hidden = torch.empty(s, b, cfg.hidden_size, dtype=cfg.pipeline_dtype or cfg.params_dtype,
                              device=tokens.device)  # [s, b, h]
         dist.recv(hidden, src=_pp_peer(groups, -1), group=groups.pp_group)
-        module.set_input_tensor(hidden)
-    out = module(
-        tokens,
-        position_ids,
-        attention_mask,
-        inference_context=ctx,
-        runtime_gather_output=True if (gather or ctx is not None) else None,
-    )
+        module.set_input_tensor(hidden)  # the block reads a non-first stage's input from here
+    out = module.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+    if cache is not None:
+        cache.end_forward(s)
     if not groups.is_last_stage:
         dist.send(out.contiguous(), dst=_pp_peer(groups, +1), group=groups.pp_group)  # [s, b, h]
         return None
-    return out
+    if last_only:
+        out = out[-1:]
+    weight = module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights else None
+    logits, _ = module.output_layer(out, weight=weight, runtime_gather_output=gather)  # [s, b, V or V/tp]
+    return logits.transpose(0, 1).contiguous()  # [b, s, V]
 
 
 def broadcast_from_last_stage(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
@@ -126,23 +155,25 @@ def causal_mask_with_keys(key_valid: torch.Tensor, q_start: int, q_len: int) -> 
     """[b, 1, q_len, q_start + q_len] bool, True = masked: keys that are padding (`key_valid`
     False, `[b, >= q_start + q_len]`) or in the future of query slot `q_start + j`.
 
-    A query row whose keys are all masked (a pad slot before any real token) softmaxes over
-    -10000 everywhere, which stays finite; its output is never used."""
+    A query always sees its own slot, even a pad: a pad query row with every key masked would
+    softmax to NaN under SDPA and write NaN into the next layer's cache. Its output is junk but
+    finite and never used (real queries never see a pad key)."""
     sk = q_start + q_len
     q_slot = torch.arange(q_start, sk, device=key_valid.device)[:, None]  # [q, 1]
-    future = torch.arange(sk, device=key_valid.device)[None, :] > q_slot  # [q, sk]
-    return (future[None] | ~key_valid[:, None, :sk])[:, None]  # [b, 1, q, sk]
+    k_slot = torch.arange(sk, device=key_valid.device)[None, :]  # [1, sk]
+    masked = (k_slot > q_slot)[None] | (~key_valid[:, None, :sk] & (k_slot != q_slot)[None])  # [b, q, sk]
+    return masked[:, None]  # [b, 1, q, sk]
 
 
 @dataclass
 class PrefixCache:
-    """A shared prefix prefilled once (batch 1): its keys/values per attention layer of this
-    stage and, on the last stage, the logits of its last position. Valid for the weights it was
-    computed with; `generate` and `score` accept it in place of the prefix token list, so many
-    batches can reuse one teacher context."""
+    """A shared prefix prefilled once (batch 1): its keys (rotated with positions 0..P-1) and values
+    per attention layer of this stage and, on the last stage, the logits of its last position.
+    Valid for the weights it was computed with; `generate` and `score` accept it in place of the
+    prefix token list, so many batches can reuse one teacher context."""
 
     tokens: list[int]
-    kv: dict  # layer_number -> (keys [P, 1, g/tp, d], values [P, 1, g/tp, d])
+    kv: dict  # layer_number -> (keys [1, g/tp, P, d], values [1, g/tp, P, d])
     last_logits: Optional[torch.Tensor]  # [1, V_padded] full vocabulary, last stage only
 
     def __len__(self) -> int:
@@ -160,38 +191,12 @@ def prefill_prefix(model, prefix: list[int], *, groups: ParallelGroups) -> Prefi
 def _prefill_prefix(module, prefix: list[int], groups: ParallelGroups) -> PrefixCache:
     device = model_device(module)
     p = len(prefix)
-    ctx = new_context(1, p)
+    cache = KVCache(1, p)
     tokens = torch.tensor([prefix], dtype=torch.long, device=device)  # [1, P]
     positions = torch.arange(p, device=device)[None]
     mask = causal_mask_with_keys(torch.ones(1, p, dtype=torch.bool, device=device), 0, p)
-    logits = forward_stage(module, tokens, positions, mask, groups=groups, ctx=ctx)
-    kv = {layer: (k[:p].clone(), v[:p].clone()) for layer, (k, v) in ctx.key_value_memory_dict.items()}
+    with attach(module, cache):
+        logits = forward_stage(module, tokens, positions, mask, groups=groups, rope=Rope(module, p), cache=cache,
+                               last_only=True)
     last = logits[:, -1, :].clone() if logits is not None else None  # [1, V]
-    return PrefixCache(tokens=prefix, kv=kv, last_logits=last)
-
-
-def context_with_prefix(prefix: PrefixCache, batch: int, max_seq: int, *, row_offsets=None,
-                        last_token_only: bool = True):
-    """A fresh static context for `batch` rows with `sequence_len_offset = P`, the prefix's keys and
-    values copied in: row i gets prefix tokens [0, P - off_i) at slots [off_i, P) (`row_offsets`,
-    default 0: the whole prefix at [0, P)); the rest of a shifted row's prefix lies at or after
-    slot P and is computed by the next forward. The buffers are allocated here with the shapes the
-    attention layers would allocate ([max_seq, batch, g/tp, d]), zeroed: pad slots are masked, but
-    0 x NaN from uninitialised memory would still poison the attention output."""
-    ctx = new_context(batch, max_seq, last_token_only=last_token_only)
-    p = len(prefix)
-    offsets = list(row_offsets) if row_offsets is not None else [0] * batch
-    for layer, (k, v) in prefix.kv.items():
-        kbuf = k.new_zeros((max_seq, batch) + tuple(k.shape[2:]))
-        vbuf = v.new_zeros((max_seq, batch) + tuple(v.shape[2:]))
-        if not any(offsets):
-            kbuf[:p] = k  # [P, 1, ...] broadcast to every row
-            vbuf[:p] = v
-        else:
-            for i, off in enumerate(offsets):
-                n = max(p - off, 0)
-                kbuf[off : off + n, i] = k[:n, 0]
-                vbuf[off : off + n, i] = v[:n, 0]
-        ctx.key_value_memory_dict[layer] = (kbuf, vbuf)
-    ctx.sequence_len_offset = p
-    return ctx
+    return PrefixCache(tokens=prefix, kv=cache.prefix_kv(p), last_logits=last)

@@ -1,0 +1,90 @@
+"""The KV cache of the generation loop: rotated keys and values per attention layer.
+
+Why our own cache and not megatron-core's `StaticInferenceContext` (what the first version used;
+measured in docs/generation.md): megatron 0.16.1 keeps keys *before* RoPE and re-rotates the whole
+cache in every layer at every step, and expands grouped K/V heads with `repeat_interleave` every
+step. Here a key is rotated once, when it is written, with the *position* of its token (so a row
+may be padded anywhere); `kernels.CachedCoreAttention` writes and reads this cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class KVCache:
+    """Keys and values of `batch` rows x `max_seq` slots for every attention layer of one stage.
+
+    Buffers are `[b, groups/tp, max_seq, head_dim]` per layer (the layout SDPA reads), allocated on
+    first write and zeroed: a masked slot gets weight exactly 0, but 0 x NaN from uninitialised
+    memory would still poison the output. Slots `[0, offset)` are filled; a forward of `s` tokens
+    writes `[offset, offset + s)` in every layer and the caller then calls `end_forward(s)`.
+
+    Per forward, `stage.forward_stage` also sets what every layer shares (`set_inputs`): the
+    additive mask `bias` (see there) and `cos`/`sin`, the rotary factors of the new tokens
+    `[s, b, 1, rot_dim]` in the model's dtype (None without RoPE)."""
+
+    def __init__(self, batch: int, max_seq: int):
+        self.batch, self.max_seq = batch, max_seq
+        self.offset = 0
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bias: Optional[torch.Tensor] = None
+        self.cos: Optional[torch.Tensor] = None
+        self.sin: Optional[torch.Tensor] = None
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `key`/`value` (`[s, b, g, d]`, keys rotated) at slots [offset, offset + s) of
+        `layer`; return that layer's keys and values for slots [0, offset + s)."""
+        s, b = key.shape[:2]
+        end = self.offset + s
+        if end > self.max_seq:
+            raise RuntimeError(f"KV cache overflow: {end} slots needed, {self.max_seq} allocated")
+        if layer not in self.layers:
+            shape = (self.batch, key.shape[2], self.max_seq, key.shape[3])
+            self.layers[layer] = (key.new_zeros(shape), value.new_zeros(shape))
+        k, v = self.layers[layer]
+        k[:b, :, self.offset : end] = key.permute(1, 2, 0, 3)  # [s, b, g, d] -> [b, g, s, d]
+        v[:b, :, self.offset : end] = value.permute(1, 2, 0, 3)
+        return k[:b, :, :end], v[:b, :, :end]
+
+    def set_inputs(self, masked: torch.Tensor, heads_per_group: int, dtype: torch.dtype,
+                   cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
+        """Prepare, once per forward, what every layer's attention reads.
+
+        `masked` is megatron's `[b, 1, s, offset + s]` bool (True = masked). SDPA gets it as an
+        additive `[b, 1, r*s, offset + s]` float mask in the layout of grouped queries: the `r`
+        query heads of one KV group are folded into the query axis (`kernels.CachedCoreAttention`),
+        so attention reads each group's keys once, with no GQA expansion (measured 1.8x faster
+        than SDPA's `enable_gqa` with a bool mask for a decode step). Masked entries get the
+        dtype's lowest finite value rather than -inf: a row can never turn into NaN."""
+        bias = torch.zeros(masked.shape, dtype=dtype, device=masked.device)
+        bias.masked_fill_(masked, torch.finfo(dtype).min)
+        b, _, s, sk = bias.shape
+        if heads_per_group > 1 and s > 1:  # one query row broadcasts over the r heads by itself
+            bias = bias.unsqueeze(2).expand(b, 1, heads_per_group, s, sk).reshape(b, 1, heads_per_group * s, sk)
+        self.bias, self.cos, self.sin = bias, cos, sin
+
+    def end_forward(self, s: int) -> None:
+        """Slots [offset, offset + s) are written in every layer: move past them."""
+        self.offset += s
+        self.bias = self.cos = self.sin = None
+
+    def load_prefix(self, prefix_kv: dict, length: int) -> None:
+        """Copy a batch-1 prefix (`PrefixCache.kv`: layer -> keys, values `[1, g, P, d]`) into
+        slots [0, P) of every row and move the offset past it. Keys were rotated with positions
+        0..P-1, which is where the prefix sits in every row."""
+        if self.offset != 0:
+            raise RuntimeError("load_prefix needs an empty cache")
+        for layer, (pk, pv) in prefix_kv.items():
+            shape = (self.batch, pk.shape[1], self.max_seq, pk.shape[3])
+            k, v = pk.new_zeros(shape), pv.new_zeros(shape)
+            k[:, :, :length] = pk  # broadcast over rows
+            v[:, :, :length] = pv
+            self.layers[layer] = (k, v)
+        self.offset = length
+
+    def prefix_kv(self, length: int) -> dict:
+        """Row 0's keys/values of slots [0, length), cloned (what `PrefixCache` keeps)."""
+        return {layer: (k[:1, :, :length].clone(), v[:1, :, :length].clone()) for layer, (k, v) in self.layers.items()}

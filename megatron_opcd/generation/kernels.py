@@ -1,0 +1,158 @@
+"""Forward-only kernels swapped into megatron-core's layers while the model generates or scores.
+
+megatron-core's `TransformerLayer`, `SelfAttention` and `MLP` keep running as they are: their
+order of operations, norms, QK-norm, residuals, activation and TP layout stay megatron's. What a
+layer spec names as a leaf submodule, the place megatron itself swaps kernels (local
+`DotProductAttention` / `ColumnParallelLinear` vs TE's `TEDotProductAttention` /
+`TELayerNormColumnParallelLinear`), is replaced for the duration of `attach(module, cache)`:
+
+* `core_attention` -> `CachedCoreAttention`: rotates the new queries/keys (once, by position),
+  writes keys/values to the `KVCache`, and attends with one `F.scaled_dot_product_attention`
+  call per layer, the query heads of a KV group folded into the query axis so no key is
+  expanded (megatron's local path: `repeat_interleave` + baddbmm + masked softmax + bmm).
+* megatron's local `ColumnParallelLinear` / `RowParallelLinear` (exactly those classes: TE's
+  fused modules are left alone) -> `InferenceLinear`: `F.linear` on the module's own weight, and
+  megatron's own `reduce_from_tensor_model_parallel_region` after a row-parallel product. The
+  stock forward routes every call through an autograd Function, autocast decorators, offloading
+  and gradient-fusion checks: ~0.18 ms of Python per call on the CPU, 15% of a decode step.
+
+Measured on the CPU benchmark (docs/generation.md): these two swaps plus running without the
+compat layer's per-op redirect take decoding from 0.49x to above transformers' speed.
+Everything is forward-only, under `torch.no_grad()`; the student's training forward never sees
+these modules.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from megatron_opcd.generation.cache import KVCache
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE as megatron's `apply_rotary_pos_emb` computes it (bshd, no mscale): the first
+    `rot_dim` channels rotate, the rest pass through. x `[s, b, h, d]`, cos/sin `[s, b, 1, rot_dim]`."""
+    rot = cos.shape[-1]
+    head, tail = x[..., :rot], x[..., rot:]
+    if interleaved:  # channel pairs (0, 1), (2, 3), ...
+        x1, x2 = head[..., 0::2], head[..., 1::2]
+        half = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:  # halves (0, rot/2), ...
+        x1, x2 = head.chunk(2, dim=-1)
+        half = torch.cat((-x2, x1), dim=-1)
+    out = head * cos + half * sin
+    return torch.cat((out, tail), dim=-1) if tail.shape[-1] else out
+
+
+class CachedCoreAttention(torch.nn.Module):
+    """Drop-in for a layer's `core_attention` (same call signature), on a `KVCache`.
+
+    Input as megatron's `SelfAttention` hands it over when no rotary table is passed to the block:
+    query `[s, b, heads/tp, d]`, key/value `[s, b, groups/tp, d]`, not yet rotated. Output
+    `[s, b, heads/tp * d]`, as `DotProductAttention` returns."""
+
+    def __init__(self, layer_number: int, cache: KVCache, softmax_scale: float, interleaved: bool):
+        super().__init__()
+        self.layer_number, self.cache, self.softmax_scale = layer_number, cache, softmax_scale
+        self.interleaved = interleaved
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("the generation KV cache takes neither attention_bias nor packed sequences")
+        cache = self.cache
+        if cache.cos is not None:
+            query = _rotate(query, cache.cos, cache.sin, self.interleaved)
+            key = _rotate(key, cache.cos, cache.sin, self.interleaved)
+        s, b, h, d = query.shape
+        g = key.shape[2]
+        k, v = cache.write(self.layer_number, key, value)  # [b, g, S, d]
+        # Query head i reads KV group i // r (megatron's grouping): fold the r heads of a group into
+        # the query axis, [s, b, g*r, d] -> [b, g, r*s, d], and every group attends with its own keys.
+        q = query.permute(1, 2, 0, 3).reshape(b, g, (h // g) * s, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.bias, scale=self.softmax_scale)
+        return out.view(b, h, s, d).permute(2, 0, 1, 3).reshape(s, b, h * d)  # [s, b, h*d]
+
+
+class InferenceLinear(torch.nn.Module):
+    """Forward-only stand-in for a megatron-core `ColumnParallelLinear` or `RowParallelLinear`
+    (sequence parallelism off, as `stage.inference_mode` guarantees). Reads the wrapped module's
+    weight and bias at every call, so it never holds stale parameters; returns `(output, bias)`
+    with megatron's `skip_bias_add` contract."""
+
+    def __init__(self, linear, row: bool):
+        super().__init__()
+        self._src = (linear,)  # a tuple: not registered as a submodule (no duplicate parameters)
+        self.row = row
+
+    def forward(self, x, weight=None, runtime_gather_output=None):
+        lin = self._src[0]
+        bias = lin.bias if not lin.skip_bias_add else None
+        if self.row:
+            from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+            out = F.linear(x, lin.weight)
+            if lin.tp_group.size() > 1:
+                out = reduce_from_tensor_model_parallel_region(out, group=lin.tp_group)
+            if bias is not None:
+                out = out + bias  # after the reduction, as megatron adds it
+            return out, (lin.bias if lin.skip_bias_add else None)
+        out = F.linear(x, lin.weight if weight is None else weight, bias)  # [s, b, out/tp]
+        gather = lin.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather and lin.tp_group.size() > 1:
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+            out = gather_from_tensor_model_parallel_region(out, group=lin.tp_group)
+        return out, (lin.bias if lin.skip_bias_add else None)
+
+
+def check_supported(config) -> None:
+    """Refuse, in one line, the attention variants `CachedCoreAttention` does not implement."""
+    if getattr(config, "window_size", None) is not None:
+        raise NotImplementedError("sliding-window attention (config.window_size) is not supported by the "
+                                  "generation KV cache")
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        raise NotImplementedError(f"softmax_type={config.softmax_type!r} is not supported by the generation KV "
+                                  "cache (vanilla softmax only)")
+    if getattr(config, "multi_latent_attention", False):
+        raise NotImplementedError("multi-latent attention is not supported by the generation KV cache")
+
+
+def _swaps(module, cache: KVCache):
+    """(parent, attribute name, replacement) for every leaf this stage's layers get while attached."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    config = module.config
+    scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+    for layer in module.decoder.layers:
+        attn = layer.self_attention
+        yield attn, "core_attention", CachedCoreAttention(attn.layer_number, cache, scale,
+                                                          bool(config.rotary_interleaved))
+        for parent, name in ((attn, "linear_qkv"), (attn, "linear_proj"), (layer.mlp, "linear_fc1"),
+                             (layer.mlp, "linear_fc2")):
+            linear = getattr(parent, name, None)
+            if type(linear) is ColumnParallelLinear:  # exact classes: subclasses may do more
+                yield parent, name, InferenceLinear(linear, row=False)
+            elif type(linear) is RowParallelLinear:
+                yield parent, name, InferenceLinear(linear, row=True)
+
+
+@contextmanager
+def attach(module, cache: KVCache):
+    """Swap this stage's attention cores (and local linears) for the kernels above; restore on exit."""
+    check_supported(module.config)
+    if getattr(module.config, "sequence_parallel", False):
+        raise RuntimeError("attach needs sequence parallelism off (run inside stage.inference_mode)")
+    originals = []
+    try:
+        for parent, name, replacement in list(_swaps(module, cache)):
+            originals.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, replacement)
+        yield cache
+    finally:
+        for parent, name, original in reversed(originals):
+            setattr(parent, name, original)

@@ -114,7 +114,7 @@ def single_process_checks() -> dict:
     res["one_by_one"] = [generate(model, [p], greedy, groups=groups, vocab_size=v).responses[0] for p in PROMPTS]
     res["nocache"] = generate(model, PROMPTS, greedy, groups=groups, vocab_size=v, use_cache=False).responses
     res["ddp"] = generate(wrap_ddp(model, groups), PROMPTS, greedy, groups=groups, vocab_size=v).responses
-    # A prefix shorter than the padding: the prompt prefill recomputes whole shifted prefixes.
+    # A prefix shorter than the padding between it and the shortest prompt.
     res["short_prefix"] = generate(model, PROMPTS, greedy, groups=groups, vocab_size=v, prefix=PREFIX[:3]).responses
     res["naive_short_prefix"] = [naive_greedy(model, PREFIX[:3] + p, N, v)[0] for p in PROMPTS]
     # Empty prompts continue straight from the prefix.
@@ -163,7 +163,7 @@ def single_process_checks() -> dict:
     res["length3"] = _out(generate(model, PROMPTS, SamplingParams(max_new_tokens=3, greedy=True), groups=groups,
                                    vocab_size=v))
 
-    # Learned absolute positions: left padding must not shift them.
+    # Learned absolute positions: padding must not shift them.
     lmodel, _, lgroups = _model(1, 1, position_embedding_type="learned_absolute")
     lmodel.eval()
     res["learned"] = generate(lmodel, PROMPTS, greedy, groups=lgroups, vocab_size=v, prefix=PREFIX[:5]).responses

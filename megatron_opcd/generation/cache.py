@@ -37,21 +37,23 @@ class KVCache:
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `key`/`value` (`[s, b, g, d]`, keys rotated) at slots [offset, offset + s) of
         `layer`; return that layer's keys and values for slots [0, offset + s)."""
-        s, b = key.shape[:2]
-        end = self.offset + s
+        end = self.offset + key.shape[0]
         if end > self.max_seq:
             raise RuntimeError(f"KV cache overflow: {end} slots needed, {self.max_seq} allocated")
         if layer not in self.layers:
             shape = (self.batch, key.shape[2], self.max_seq, key.shape[3])
             self.layers[layer] = (key.new_zeros(shape), value.new_zeros(shape))
         k, v = self.layers[layer]
-        k[:b, :, self.offset : end] = key.permute(1, 2, 0, 3)  # [s, b, g, d] -> [b, g, s, d]
-        v[:b, :, self.offset : end] = value.permute(1, 2, 0, 3)
-        return k[:b, :, :end], v[:b, :, :end]
+        k[:, :, self.offset : end] = key.permute(1, 2, 0, 3)  # [s, b, g, d] -> [b, g, s, d]
+        v[:, :, self.offset : end] = value.permute(1, 2, 0, 3)
+        return k[:, :, :end], v[:, :, :end]
 
-    def set_inputs(self, masked: torch.Tensor, heads_per_group: int, dtype: torch.dtype,
-                   cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
+    def set_inputs(self, masked: torch.Tensor, angles: Optional[torch.Tensor], heads_per_group: int,
+                   dtype: torch.dtype) -> None:
         """Prepare, once per forward, what every layer's attention reads.
+
+        `angles` (`[s, b, 1, rot_dim]`, None without RoPE) become cos/sin in the model's dtype, as
+        megatron's `apply_rotary_pos_emb` casts them.
 
         `masked` is megatron's `[b, 1, s, offset + s]` bool (True = masked). SDPA gets it as an
         additive `[b, 1, r*s, offset + s]` float mask in the layout of grouped queries: the `r`
@@ -64,7 +66,10 @@ class KVCache:
         b, _, s, sk = bias.shape
         if heads_per_group > 1 and s > 1:  # one query row broadcasts over the r heads by itself
             bias = bias.unsqueeze(2).expand(b, 1, heads_per_group, s, sk).reshape(b, 1, heads_per_group * s, sk)
-        self.bias, self.cos, self.sin = bias, cos, sin
+        self.bias = bias
+        self.cos = self.sin = None
+        if angles is not None:
+            self.cos, self.sin = torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
     def end_forward(self, s: int) -> None:
         """Slots [offset, offset + s) are written in every layer: move past them."""

@@ -114,11 +114,8 @@ def forward_stage(
     cfg = module.config
     rotary = rope(position_ids)  # [s, b, 1, rot_dim] angles, or None
     if cache is not None:  # what every CachedCoreAttention of this forward shares, computed once
-        cos = sin = None
-        if rotary is not None:  # in the model's dtype, as megatron's apply_rotary_pos_emb casts them
-            cos, sin = torch.cos(rotary).to(cfg.params_dtype), torch.sin(rotary).to(cfg.params_dtype)
-        groups_ = cfg.num_query_groups or cfg.num_attention_heads
-        cache.set_inputs(attention_mask, cfg.num_attention_heads // groups_, cfg.params_dtype, cos, sin)
+        heads_per_group = cfg.num_attention_heads // (cfg.num_query_groups or cfg.num_attention_heads)
+        cache.set_inputs(attention_mask, rotary, heads_per_group, cfg.params_dtype)
         rotary = None  # the cache's attention rotates; megatron's layers must not rotate again
     if groups.is_first_stage:
         hidden = module.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]

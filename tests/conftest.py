@@ -14,6 +14,14 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _quiet_known_warnings():
+    """pytest resets the warning filters for every test: put compat/quiet.py's back."""
+    from megatron_opcd.compat import quiet
+
+    quiet.install()
+
+
 @pytest.fixture(scope="session")
 def run_ranks():
     """`run_ranks(fn, world_size, *args, timeout=..., **kwargs)` -> list of per-rank results.

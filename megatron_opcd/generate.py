@@ -52,40 +52,29 @@ def _error(message: str):
 
 def read_prompts(path: str | Path, tokenizer, vocab_size: int) -> list[dict]:
     """[{"index", "prompt" (text or None), "prompt_ids"}] from a JSONL file; one-line errors with file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise _error(f"prompts file {path} does not exist")
+    from megatron_opcd.data.prompts import jsonl_objects
+
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _error(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise _error(f'{where}: expected a JSON object like {{"prompt": "..."}}, got {type(obj).__name__}')
-            if "prompt_ids" in obj:
-                ids = obj["prompt_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise _error(f"{where}: prompt_ids must be a list of integers")
-                bad = [t for t in ids if not 0 <= t < vocab_size]
-                if bad:
-                    raise _error(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
-                text = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
-            elif "prompt" in obj:
-                if not isinstance(obj["prompt"], str):
-                    raise _error(f"{where}: prompt must be a string")
-                if tokenizer is None:
-                    raise _error(f'{where}: text prompts need a tokenizer, and the checkpoint has no tokenizer/ folder; '
-                                 'give {"prompt_ids": [...]} instead')
-                text = obj["prompt"]
-                ids = tokenizer.encode(text)
-            else:
-                raise _error(f'{where}: needs a "prompt" (text) or "prompt_ids" (list of token ids) field')
-            rows.append({"index": len(rows), "prompt": text, "prompt_ids": ids})
+    for where, obj in jsonl_objects(path, "prompts"):
+        if "prompt_ids" in obj:
+            ids = obj["prompt_ids"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise _error(f"{where}: prompt_ids must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise _error(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+            text = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
+        elif "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise _error(f"{where}: prompt must be a string")
+            if tokenizer is None:
+                raise _error(f'{where}: text prompts need a tokenizer, and the checkpoint has no tokenizer/ folder; '
+                             'give {"prompt_ids": [...]} instead')
+            text = obj["prompt"]
+            ids = tokenizer.encode(text)
+        else:
+            raise _error(f'{where}: needs a "prompt" (text) or "prompt_ids" (list of token ids) field')
+        rows.append({"index": len(rows), "prompt": text, "prompt_ids": ids})
     if not rows:
         raise _error(f"prompts file {path} holds no prompts")
     return rows

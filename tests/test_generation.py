@@ -215,7 +215,7 @@ def test_cli_writes_one_line_per_prompt(single, two_ranks):
 
 @pytest.mark.parametrize("case,needle", [
     ("missing", "does not exist"),
-    ("malformed", "bad.jsonl:2: not valid JSON"),
+    ("malformed", "bad.jsonl:2: malformed JSON"),
     ("text_without_tokenizer", "text.jsonl:1: text prompts need a tokenizer"),
     ("out_of_vocab", "oov.jsonl:1: token id 999 is outside"),
     ("not_a_checkpoint", "not a complete megatron-opcd checkpoint"),

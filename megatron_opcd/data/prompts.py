@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from megatron_opcd.config import ConfigError
 
@@ -39,25 +39,33 @@ def _read_text(path: str | Path, what: str) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """`{"prompt": str, "answer"?: str|number, "context"?: str}` per line; blank lines are skipped."""
-    text = _read_text(path, "prompt")
-    examples = []
+def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) for every non-blank line of a JSONL file. A missing file, bytes that
+    are not UTF-8, a malformed line or a line that is not an object end in a one-line DataError."""
+    text = _read_text(path, what)
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+            raise DataError(f"{where}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(row).__name__}")
+            raise DataError(f"{where}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(row).__name__}")
+        yield where, row
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """`{"prompt": str, "answer"?: str|number, "context"?: str}` per line; blank lines are skipped."""
+    examples = []
+    for where, row in jsonl_objects(path, "prompt"):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{path}:{lineno}: missing or empty \"prompt\" string")
+            raise DataError(f"{where}: missing or empty \"prompt\" string")
         context = row.get("context")
         if context is not None and not isinstance(context, str):
-            raise DataError(f"{path}:{lineno}: \"context\" must be a string")
+            raise DataError(f"{where}: \"context\" must be a string")
         answer = row.get("answer")
         examples.append(Example(prompt=prompt, answer=None if answer is None else str(answer),
                                 context=context, index=len(examples)))

@@ -180,9 +180,10 @@ def train_sp_tokenizer(folder) -> str:
 ITEM = "- EXPERIENCE ITEM: Always check the units ."
 
 
-def write_item_emitter(out_dir: str, tok_path: str, steps: int = 40) -> str:
-    """A tiny checkpoint trained for a few seconds to answer anything with ITEM: a stand-in
-    teacher whose reflections parse, so the CLI's whole path (pool, selection) runs."""
+def write_item_emitter(out_dir: str, tok_path: str, steps: int = 40, max_prompt: int = 120) -> str:
+    """A tiny checkpoint trained for a few seconds to answer anything (prompts of up to
+    `max_prompt` tokens) with ITEM: a stand-in teacher whose reflections parse, so the CLI's whole
+    path (pool, selection) runs."""
     import random as _random
 
     from megatron_opcd import parallel
@@ -194,14 +195,15 @@ def write_item_emitter(out_dir: str, tok_path: str, steps: int = 40) -> str:
 
     groups = parallel.initialize()
     tok = load_tokenizer(tok_path)
-    cfg = ModelConfig(**{**CFG, "max_position_embeddings": 512, "init_method_std": 0.02}, vocab_size=tok.vocab_size)
+    cfg = ModelConfig(**{**CFG, "max_position_embeddings": max(512, 4 * max_prompt), "init_method_std": 0.02},
+                      vocab_size=tok.vocab_size)
     model = build_model(cfg, groups=groups, seed=5)
     item = tok.encode(ITEM) + [tok.eos_ids[0]]
 
     def batch(rng: _random.Random):
         rows = []
         for _ in range(8):
-            prefix = [rng.randrange(2, tok.vocab_size) for _ in range(rng.randint(2, 120))]
+            prefix = [rng.randrange(2, tok.vocab_size) for _ in range(rng.randint(2, max_prompt))]
             rows.append((prefix + item, len(prefix)))
         return rows
 

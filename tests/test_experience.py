@@ -213,3 +213,28 @@ def test_cli_end_to_end(run_ranks, tok_path, tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and "missing.jsonl does not exist" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_game_select_end_to_end(run_ranks, tok_path, tmp_path):
+    """--game --select: the pool from played levels, the best context by validation success, and its
+    scores file (the same selection code as for tasks)."""
+    from _evaluation_ranks import ITEM, write_item_emitter
+
+    # Game transcripts make long reflection prompts (~800 tokens with this tiny tokenizer).
+    ckpt = run_ranks(write_item_emitter, 1, str(tmp_path / "ckpt"), tok_path, 40, 1000, timeout=240)[0]
+    out, best = tmp_path / "out" / "pool.json", tmp_path / "out" / "best.txt"
+    cmd = [sys.executable, str(ROOT / "tools" / "extract_experience.py"), "--ckpt", ckpt, "--game", "frozen_lake",
+           "--levels", "0:2", "--max-rounds", "1", "--seeds", "2", "--max-new-tokens", "8", "--reflect-max-new-tokens", "16",
+           "--max-items-tokens", "64", "--greedy", "--out", str(out),
+           "--select", "--val-levels", "1000:1002", "--out-best", str(best)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPCD_QUIET": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pool = json.loads(out.read_text())
+    expected = format_items(parse_items(ITEM))
+    assert pool == [expected, expected]  # the emitter reflects the same item after every level
+    assert best.read_text() == expected + "\n"
+    scores = json.loads((out.parent / "best.scores.json").read_text())
+    assert scores["best"] == 0 and len(scores["scores"]) == 2
+    assert scores["game"] == "frozen_lake" and scores["val_levels"] == "1000:1002"
+    assert all(0.0 <= x <= 1.0 for x in [scores["no_context"], *scores["scores"]])

@@ -87,6 +87,28 @@ def _pool_from_seeds(args, runs, groups, seconds, say):
     return result, contexts
 
 
+def _select_and_write(args, contexts, score, result, say, metric: str, about: dict) -> None:
+    """--select: `score(context or None)` on validation for no context and every pooled context, keep
+    the best; rank 0 writes it to --out-best and the scores (plus `about`) beside it."""
+    import torch.distributed as dist
+
+    from megatron_opcd.evaluation.experience import select_best
+
+    baseline = score(None)
+    best, scores = select_best(contexts, score)
+    result.update(best=best, scores=scores, baseline=baseline)
+    if dist.get_rank() != 0:
+        return
+    out_best = Path(args.out_best)
+    out_best.parent.mkdir(parents=True, exist_ok=True)
+    out_best.write_text(contexts[best] + "\n", encoding="utf-8")
+    scores_path = out_best.with_name(out_best.stem + ".scores.json")
+    scores_path.write_text(json.dumps({"best": best, "scores": scores, "no_context": baseline, **about}, indent=1)
+                           + "\n", encoding="utf-8")
+    say(f"[experience] validation {metric} without context {baseline:.3f}; per context "
+        f"{', '.join(f'{s:.3f}' for s in scores)}; best #{best} -> {out_best}")
+
+
 def _eval_kwargs(args, tok, groups, model_cfg) -> dict:
     """Greedy evaluation settings shared by task and game selection."""
     from megatron_opcd.generation import SamplingParams
@@ -172,7 +194,7 @@ def run(args) -> dict:
     from megatron_opcd import parallel
     from megatron_opcd.data.render import PromptRenderer
     from megatron_opcd.evaluation import evaluate_task
-    from megatron_opcd.evaluation.experience import ModelCompleter, extract_pool, select_best
+    from megatron_opcd.evaluation.experience import ModelCompleter, extract_pool
     from megatron_opcd.generation import SamplingParams
 
     if "OMP_NUM_THREADS" in os.environ:
@@ -207,20 +229,9 @@ def run(args) -> dict:
         result, contexts = _pool_from_seeds(args, runs, groups, time.time() - t0, say)
         if args.select:
             kw = _eval_kwargs(args, tok, groups, model_cfg)
-            baseline = evaluate_task(model, tok, renderer, val, task, contexts=None, **kw)["accuracy"]
-            best, scores = select_best(
-                contexts, lambda c: evaluate_task(model, tok, renderer, val, task, contexts=c, **kw)["accuracy"])
-            result.update(best=best, scores=scores, baseline=baseline)
-            if rank0:
-                out_best = Path(args.out_best)
-                out_best.parent.mkdir(parents=True, exist_ok=True)
-                out_best.write_text(contexts[best] + "\n", encoding="utf-8")
-                scores_path = out_best.with_name(out_best.stem + ".scores.json")
-                scores_path.write_text(json.dumps({"best": best, "scores": scores, "no_context": baseline,
-                                                   "val": str(args.val), "n": len(val)}, indent=1) + "\n",
-                                       encoding="utf-8")
-                say(f"[experience] validation accuracy without context {baseline:.3f}; per context "
-                    f"{', '.join(f'{s:.3f}' for s in scores)}; best #{best} -> {out_best}")
+            _select_and_write(args, contexts,
+                              lambda c: evaluate_task(model, tok, renderer, val, task, contexts=c, **kw)["accuracy"],
+                              result, say, "accuracy", {"val": str(args.val), "n": len(val)})
         return result
     finally:
         parallel.destroy()
@@ -264,7 +275,7 @@ def _run_game(args) -> dict:
 
     from megatron_opcd import parallel
     from megatron_opcd.data.render import PromptRenderer
-    from megatron_opcd.evaluation.experience import ModelCompleter, select_best
+    from megatron_opcd.evaluation.experience import ModelCompleter
     from megatron_opcd.evaluation.games import evaluate_game, extract_game_pool, model_player
     from megatron_opcd.generation import SamplingParams
     from megatron_opcd.training.episodes import GameSetup
@@ -301,20 +312,9 @@ def _run_game(args) -> dict:
         result, contexts = _pool_from_seeds(args, runs, groups, time.time() - t0, say)
         if args.select:
             kw = _eval_kwargs(args, tok, groups, model_cfg)
-            baseline = evaluate_game(model, tok, setup, val_levels, **kw)["success"]
-            best, scores = select_best(contexts,
-                                       lambda c: evaluate_game(model, tok, setup, val_levels, context=c, **kw)["success"])
-            result.update(best=best, scores=scores, baseline=baseline)
-            if rank0:
-                out_best = Path(args.out_best)
-                out_best.parent.mkdir(parents=True, exist_ok=True)
-                out_best.write_text(contexts[best] + "\n", encoding="utf-8")
-                scores_path = out_best.with_name(out_best.stem + ".scores.json")
-                scores_path.write_text(json.dumps({"best": best, "scores": scores, "no_context": baseline,
-                                                   "game": args.game, "val_levels": args.val_levels}, indent=1) + "\n",
-                                       encoding="utf-8")
-                say(f"[experience] validation success without context {baseline:.3f}; per context "
-                    f"{', '.join(f'{s:.3f}' for s in scores)}; best #{best} -> {out_best}")
+            _select_and_write(args, contexts,
+                              lambda c: evaluate_game(model, tok, setup, val_levels, context=c, **kw)["success"],
+                              result, say, "success", {"game": args.game, "val_levels": args.val_levels})
         return result
     finally:
         parallel.destroy()

@@ -200,7 +200,8 @@ def single_process_checks() -> dict:
     # generate/score put megatron's own modules back.
     layer = model.decoder.layers[0]
     res["modules_after"] = [type(m).__name__ for m in (layer.self_attention.core_attention,
-                                                       layer.self_attention.linear_qkv, layer.mlp.linear_fc2)]
+                                                       layer.self_attention.linear_qkv, layer.mlp.linear_fc2,
+                                                       model.output_layer)]
     return res
 
 

@@ -86,7 +86,8 @@ def test_architecture_options_through_the_kernels(single, variant):
 
 
 def test_megatron_modules_restored_after_generation(single):
-    assert single["modules_after"] == ["DotProductAttention", "ColumnParallelLinear", "RowParallelLinear"]
+    assert single["modules_after"] == ["DotProductAttention", "ColumnParallelLinear", "RowParallelLinear",
+                                       "ColumnParallelLinear"]
 
 
 def test_rotation_matches_megatron():
@@ -241,6 +242,31 @@ def test_top_k_and_top_p_filters():
     assert torch.isfinite(filter_top_p(z, 0.01)).sum() == 1  # always at least one
     shuffled = z[:, [3, 0, 4, 2, 1]]
     assert torch.isfinite(filter_top_p(shuffled, 0.65)).tolist() == [[False, True, False, False, True]]
+
+
+def test_draw_categorical_matches_the_distribution():
+    """200,000 draws (one call, a row each) against the probabilities: every frequency within 5
+    standard errors, zero-probability ids (first, middle, last) never drawn, and a seed repeats."""
+    from megatron_opcd.generation.sampling import draw_categorical
+
+    p = torch.tensor([0.0, 0.4, 0.25, 0.0, 0.2, 0.1, 0.05, 0.0], dtype=torch.float64)
+    n = 200_000
+    probs = (p * 3.0).float().expand(n, -1)  # unnormalised rows are fine
+    draws = draw_categorical(probs, torch.Generator().manual_seed(1))
+    assert draws.shape == (n,) and draws.dtype == torch.long
+    freq = torch.bincount(draws, minlength=len(p)).double() / n
+    stderr = (p * (1 - p) / n).sqrt()
+    assert (freq[p == 0] == 0).all()
+    assert ((freq - p).abs() <= 5 * stderr + 1e-12).all(), (freq, p)
+    assert ((freq - p).abs()[p > 0] > 0).any()  # a real draw, not the expected counts
+    again = draw_categorical(probs[:1000], torch.Generator().manual_seed(1))
+    assert torch.equal(again, draw_categorical(probs[:1000], torch.Generator().manual_seed(1)))
+    assert not torch.equal(again, draw_categorical(probs[:1000], torch.Generator().manual_seed(2)))
+    # One-hot rows, including the last id: exactly that id (the rounding guard keeps it in range).
+    onehot = torch.zeros(3, 5)
+    onehot[0, 0] = onehot[1, 4] = 1.0
+    onehot[2, 2] = 1e-30
+    assert draw_categorical(onehot, None).tolist() == [0, 4, 2]
 
 
 def test_sampling_params_validation():

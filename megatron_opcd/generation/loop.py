@@ -214,7 +214,7 @@ def generate(
         if prefix_ids and prefix_cache is None:
             prefix_cache = _prefill_prefix(module, prefix_ids, groups)
         cache = KVCache(len(prompts), lay.tokens.shape[1])
-        with attach(module, cache):
+        with attach(module, cache, decode=True):
             stepper = _CachedStepper(module, lay, groups, prefix_cache, cache)
             return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
 

@@ -38,3 +38,52 @@ def train_run(config_path: str, overrides: list[str]) -> dict:
         return Trainer(cfg, groups).train()
     finally:
         parallel.destroy()
+
+
+def response_logits_only(config_path: str, overrides: list[str]) -> dict:
+    """The training forward with the output layer on the response positions only (what
+    `Trainer._forward_step` runs) against a plain full-sequence forward whose response logits are
+    picked one by one: loss and every gradient, and the width the output layer actually saw."""
+    import torch
+
+    from megatron_opcd import parallel
+    from megatron_opcd.checkpointing import unwrap
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.engine import main_grad, zero_grads
+    from megatron_opcd.training.trainer import Trainer
+
+    cfg = load_train_config(config_path, overrides)
+    groups = parallel.initialize(cfg.parallel)
+    trainer = Trainer(cfg, groups)
+    rollout = trainer.rollout(trainer.select_batch(1), 1)
+    micro = trainer._micro_batches(rollout, trainer.score_teacher(rollout))[0]
+    p = micro.packed
+    trainer.student.train()
+    model = unwrap(trainer.ddp)
+    widths = []
+    hook = model.output_layer.register_forward_hook(lambda m, a, out: widths.append(out[0].shape[0]))
+
+    def grads():
+        return {n: main_grad(w).detach().clone() for n, w in model.named_parameters() if main_grad(w) is not None}
+
+    zero_grads(trainer.ddp)
+    output, loss_func = trainer._forward_step(iter([micro]), trainer.ddp)
+    sliced_loss, _, _ = loss_func(output)
+    sliced_loss.backward()
+    sliced = grads()
+
+    zero_grads(trainer.ddp)
+    full = trainer.ddp(p.tokens, p.position_ids, p.attention_mask)  # [b, S, V]: no slicing here
+    R, b = p.response_index.shape
+    aligned = torch.stack([torch.stack([full[i, max(int(p.response_index[t, i]), 0)] for i in range(b)])
+                           for t in range(R)])  # [R, b, V], one position at a time
+    ref_loss, _, _ = trainer.objective(aligned, micro)
+    ref_loss.backward()
+    reference = grads()
+    hook.remove()
+    out = {"sliced_loss": float(sliced_loss), "ref_loss": float(ref_loss), "widths": widths,
+           "seq": p.seq_length, "max_grad_diff": max(float((sliced[n] - reference[n]).abs().max()) for n in reference),
+           "max_grad": max(float(g.abs().max()) for g in reference.values()), "same_names": sorted(sliced) == sorted(reference)}
+    trainer.logger.close()
+    parallel.destroy()
+    return out

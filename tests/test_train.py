@@ -15,7 +15,7 @@ import torch
 
 from _layouts import merge
 from _train_fixtures import make_run
-from _train_ranks import one_step, train_run
+from _train_ranks import one_step, response_logits_only, train_run
 
 VOCAB = 200
 
@@ -55,6 +55,17 @@ def test_one_step_matches_tp1(step_runs, layout):
         torch.testing.assert_close(got["weights"][name][rows], w[rows], atol=1e-5, rtol=1e-5, msg=name)
         moved = max(moved, float((w[rows] - init[name][rows]).abs().max()))
     assert moved > 1e-4, "the step did not change the weights: the comparison would prove nothing"
+
+
+def test_output_layer_sees_only_response_positions(run_ranks, tmp_path):
+    """The student's training forward runs the output layer on the response positions only; its
+    loss and gradients equal a full-sequence forward whose response logits are picked one by one."""
+    cfg = str(make_run(tmp_path, steps=1, extra={"checkpoint.save": None, "logging.dir": str(tmp_path / "logs")}))
+    got = run_ranks(response_logits_only, 1, cfg, [], timeout=300)[0]
+    assert got["widths"][0] < got["seq"] and got["widths"][1] == got["seq"]  # sliced, then the full reference
+    assert got["sliced_loss"] == pytest.approx(got["ref_loss"], rel=1e-6)
+    assert got["same_names"] and got["max_grad"] > 1e-4
+    assert got["max_grad_diff"] <= 1e-6 * max(1.0, got["max_grad"])
 
 
 def test_tiny_run_lowers_heldout_kl(run_ranks, tmp_path):

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.data.packing import gather_response, pack, pack_segments
+from megatron_opcd.data.packing import gather_response, pack, pack_segments, response_span
 from megatron_opcd.generation.cache import KVCache
 from megatron_opcd.generation.kernels import attach
 from megatron_opcd.generation.stage import PrefixCache, Rope, _prefill_prefix, forward_stage, inference_mode, model_device
@@ -107,14 +107,15 @@ def score(
             cache.load_prefix(prefix_cache.kv, p)
             # Every row sees the whole prefix, then causal + padding within its own row.
             mask = torch.cat([torch.zeros(b, 1, s, p, dtype=torch.bool, device=device), mask], dim=-1)
+        lo, hi = response_span(packed)  # the output layer computes only the positions read below
         with attach(module, cache):
             logits = forward_stage(module, tokens, positions, mask, groups=groups, rope=Rope(module, p + s),
-                                   cache=cache, gather=False)  # [b, S, V/tp]
+                                   cache=cache, gather=False, span=(lo, hi))  # [b, hi - lo, V/tp]
     mask = packed.response_mask
     if logits is None:
         return ScoreOutput(logits=None, logprobs=None, mask=mask)
     prefix_last = _shard(prefix_cache.last_logits, groups) if prefix_cache is not None else None
-    aligned = gather_response(logits, packed, prefix_last=prefix_last)  # [R, b, V/tp]
+    aligned = gather_response(logits, packed, prefix_last=prefix_last, offset=lo)  # [R, b, V/tp]
     logprobs = None
     if return_logprobs:
         logprobs = vocab_parallel_token_logprobs(

@@ -11,6 +11,7 @@ the schedule scales nothing and the division happens once, by the global token c
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterable, Iterator
 
@@ -94,3 +95,38 @@ def main_grad(param: torch.Tensor) -> torch.Tensor | None:
     """The gradient megatron accumulated for `param` (DDP's main_grad, else .grad)."""
     grad = getattr(param, "main_grad", None)
     return grad if grad is not None else param.grad
+
+
+@contextmanager
+def output_positions(model, lo: int, hi: int):
+    """Inside the block, the output layer of `model` (a last pipeline stage; megatron wrappers
+    allowed) computes positions `[lo, hi)` only; yields the offset of its first output position
+    (`lo`, or 0 where nothing is sliced).
+
+    The loss reads the response positions; the prompt's logits would cost the output layer's
+    matmuls forward and backward and a `[b, S, V/tp]` tensor for nothing. megatron slices the
+    hidden states before the output layer the same way for inference
+    (`materialize_only_last_token_logits`). Not sliced: with sequence parallelism (the hidden
+    states are split along the sequence there) or multi-token prediction (the output layer also
+    runs on the MTP heads' states)."""
+    from megatron_opcd.checkpointing import unwrap
+
+    module = unwrap(model)
+    layer = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
+    config = getattr(module, "config", None)
+    if layer is None or getattr(config, "sequence_parallel", False) or getattr(config, "mtp_num_layers", None):
+        yield 0
+        return
+
+    def keep(_layer, args, kwargs):
+        if args:
+            return (args[0][lo:hi], *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["input_"] = kwargs["input_"][lo:hi]
+        return args, kwargs
+
+    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield lo
+    finally:
+        handle.remove()

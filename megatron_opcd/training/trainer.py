@@ -29,14 +29,21 @@ import torch.distributed as dist
 
 from megatron_opcd.checkpointing import CheckpointError, load_model_weights, read_model_config, tokenizer_dir, unwrap
 from megatron_opcd.config import ConfigError, ModelConfig
-from megatron_opcd.data.packing import gather_response, pack
+from megatron_opcd.data.packing import gather_response, pack, response_span
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream, load_contexts, load_examples
 from megatron_opcd.data.render import PromptRenderer, common_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
-from megatron_opcd.training.engine import configure_schedule, forward_backward, main_grad, wrap_ddp, zero_grads
+from megatron_opcd.training.engine import (
+    configure_schedule,
+    forward_backward,
+    main_grad,
+    output_positions,
+    wrap_ddp,
+    zero_grads,
+)
 from megatron_opcd.training.metrics import MetricsLogger
 from megatron_opcd.training.objectives import MicroBatch, build_objective
 from megatron_opcd.training.optimizer import build_optimizer
@@ -335,10 +342,11 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         micro: MicroBatch = next(data_iterator)
         p = micro.packed
-        output = model(p.tokens, p.position_ids, p.attention_mask)  # [b, S, v/tp] on the last stage
+        with output_positions(model, *response_span(p)) as offset:  # logits of response positions only
+            output = model(p.tokens, p.position_ids, p.attention_mask)  # [b, S', v/tp] on the last stage
 
         def loss_func(output_tensor):
-            return self.objective(gather_response(output_tensor, p), micro)
+            return self.objective(gather_response(output_tensor, p, offset=offset), micro)
 
         return output, loss_func
 

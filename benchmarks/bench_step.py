@@ -333,17 +333,18 @@ def build_wide_teacher(args, groups):
     return cfg, build_model(cfg, groups=groups, seed=args.seed).eval()
 
 
-def context_floor(cfg, context: int, row: int, vocab: int) -> float:
+def context_floor(cfg, context: int, row: int, vocab: int, scored: int) -> float:
     """1 + (FLOPs of attending to the context) / (FLOPs of the forward without it), per token.
 
     Per token and layer: the weight matmuls 2 x (q + k + v + o + 3 x ffn) parameters, attention
     over the row's own ~row/2 keys 4 x row/2 x hidden, and with the context 4 x P x hidden more;
-    plus the output layer, 2 x vocab x hidden per token."""
+    plus the output layer, 2 x vocab x hidden for the `scored` of the row's tokens it runs on
+    (score computes the response positions only)."""
     h, layers = cfg.hidden_size, cfg.num_layers
     kv = h * (cfg.num_query_groups or cfg.num_attention_heads) // cfg.num_attention_heads
     ffn = cfg.ffn_hidden_size or 4 * h
     per_layer = 2 * (h * h + 2 * h * kv + h * h + 3 * h * ffn) + 4 * (row / 2) * h
-    without = layers * per_layer + 2 * vocab * h
+    without = layers * per_layer + 2 * vocab * h * scored / row
     return 1.0 + layers * 4 * context * h / without
 
 
@@ -534,7 +535,8 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     for name, model, cfg, concatenated in teachers:
         times, diff = time_scoring(model, groups, score_prompts, responses, context, args.score_repeats,
                                    trainer.tokenizer.pad_id, concatenated=concatenated)
-        floor = context_floor(cfg, args.context_tokens, len(score_prompts[0]) + args.new_tokens, args.vocab)
+        floor = context_floor(cfg, args.context_tokens, len(score_prompts[0]) + args.new_tokens, args.vocab,
+                              args.new_tokens)
         base = times["without"]["wall"]
         print(f"\n(b) {name} model ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
               f"heads / {cfg.num_query_groups or cfg.num_attention_heads} KV heads, ffn {cfg.ffn_hidden_size}): "

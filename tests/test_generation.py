@@ -106,6 +106,55 @@ def test_rotation_matches_megatron():
             assert torch.allclose(ours, ref, atol=1e-12), (rot, interleaved)
 
 
+def test_cascade_attention_equals_one_softmax_over_all_keys():
+    """A shared prefix read once for all rows, merged with each row's own keys by log-sum-exp, is
+    the attention over [prefix; own keys] (float64 reference, prefix copied into every row); the
+    log-sum-exp helpers (the CPU's flash kernel and the plain-matmul path other devices take)
+    against logsumexp of the scores."""
+    import torch.nn.functional as F
+
+    from megatron_opcd.generation.kernels import _attention_with_lse_matmul, attention_with_lse, cascade_attention
+
+    gen = torch.Generator().manual_seed(0)
+    b, g, L, d, P, S = 3, 2, 5, 8, 11, 7
+    q = torch.randn(b, g, L, d, generator=gen, dtype=torch.float64)
+    pk, pv = (torch.randn(1, g, P, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(b, g, S, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    bias = torch.zeros(b, 1, L, S, dtype=torch.float64)
+    bias[0, :, :, 4:] = torch.finfo(torch.float64).min  # row 0 sees 4 own keys, row 1 all but one
+    bias[1, :, :, 2] = torch.finfo(torch.float64).min
+    scale = 0.37
+    full_k, full_v = torch.cat([pk.expand(b, -1, -1, -1), k], 2), torch.cat([pv.expand(b, -1, -1, -1), v], 2)
+    full_bias = torch.cat([torch.zeros(b, 1, L, P, dtype=torch.float64), bias], -1)
+    ref = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_bias, scale=scale)
+    got = cascade_attention(q, pk, pv, k, v, bias, scale)
+    assert got.shape == ref.shape and got.is_contiguous()
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    ref_lse = torch.logsumexp(torch.matmul(q, k.transpose(-1, -2)) * scale + bias, -1)
+    for fn in (attention_with_lse, _attention_with_lse_matmul):
+        out, lse = fn(q.float(), k.float(), v.float(), bias.float(), scale)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale),
+                                   atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_cache_keeps_one_copy_and_refuses_a_masked_prefix():
+    from megatron_opcd.generation.cache import KVCache
+
+    pk = torch.randn(1, 2, 4, 8)
+    cache = KVCache(3, 10)
+    cache.load_prefix({1: (pk, pk.clone())}, 4, shared=True)
+    k, _ = cache.write(1, torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8))  # slots 4, 5 of 3 rows
+    assert cache.shared[1][0] is pk and k.shape == (3, 2, 2, 8)  # the rows hold their own slots only
+    cache.end_forward(2)
+    visible = torch.zeros(3, 1, 1, 7, dtype=torch.bool)
+    cache.set_inputs(visible, None, 1, torch.float32)
+    assert cache.bias.shape == (3, 1, 1, 3)  # own slots 4..6
+    visible[1, ..., 2] = True
+    with pytest.raises(RuntimeError, match="shared prefix"):
+        cache.set_inputs(visible, None, 1, torch.float32)
+
+
 def test_unsupported_attention_is_refused_in_one_line():
     from types import SimpleNamespace
 

@@ -17,10 +17,16 @@ import torch
 class KVCache:
     """Keys and values of `batch` rows x `max_seq` slots for every attention layer of one stage.
 
-    Buffers are `[b, groups/tp, max_seq, head_dim]` per layer (the layout SDPA reads), allocated on
+    Buffers are `[b, groups/tp, slots, head_dim]` per layer (the layout SDPA reads), allocated on
     first write and zeroed: a masked slot gets weight exactly 0, but 0 x NaN from uninitialised
     memory would still poison the output. Slots `[0, offset)` are filled; a forward of `s` tokens
     writes `[offset, offset + s)` in every layer and the caller then calls `end_forward(s)`.
+
+    A prefix that every query of every row sees whole can be *shared* (`load_prefix(...,
+    shared=True)`): its keys and values stay one `[1, g, P, d]` copy (the `PrefixCache`'s own
+    tensors, never written), the rows' buffers hold slots `[P, max_seq)` only, and attention reads
+    the prefix once for all rows (`kernels.CachedCoreAttention`, cascade attention). Masks keep
+    covering all slots `[0, offset + s)`; `set_inputs` checks the prefix columns are all visible.
 
     Per forward, `stage.forward_stage` also sets what every layer shares (`set_inputs`): the
     additive mask `bias` (see there) and `cos`/`sin`, the rotary factors of the new tokens
@@ -30,22 +36,26 @@ class KVCache:
         self.batch, self.max_seq = batch, max_seq
         self.offset = 0
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shared: Optional[dict] = None  # layer -> (keys, values) [1, g, P, d] of a shared prefix
+        self.shared_len = 0  # P when a prefix is shared: the rows' buffers start at slot P
         self.bias: Optional[torch.Tensor] = None
         self.cos: Optional[torch.Tensor] = None
         self.sin: Optional[torch.Tensor] = None
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `key`/`value` (`[s, b, g, d]`, keys rotated) at slots [offset, offset + s) of
-        `layer`; return that layer's keys and values for slots [0, offset + s)."""
+        `layer`; return that layer's keys and values for the rows' slots up to offset + s
+        (`[0, offset + s)`, or `[P, offset + s)` when a prefix of P slots is shared)."""
         end = self.offset + key.shape[0]
         if end > self.max_seq:
             raise RuntimeError(f"KV cache overflow: {end} slots needed, {self.max_seq} allocated")
         if layer not in self.layers:
-            shape = (self.batch, key.shape[2], self.max_seq, key.shape[3])
+            shape = (self.batch, key.shape[2], self.max_seq - self.shared_len, key.shape[3])
             self.layers[layer] = (key.new_zeros(shape), value.new_zeros(shape))
         k, v = self.layers[layer]
-        k[:, :, self.offset : end] = key.permute(1, 2, 0, 3)  # [s, b, g, d] -> [b, g, s, d]
-        v[:, :, self.offset : end] = value.permute(1, 2, 0, 3)
+        start, end = self.offset - self.shared_len, end - self.shared_len
+        k[:, :, start:end] = key.permute(1, 2, 0, 3)  # [s, b, g, d] -> [b, g, s, d]
+        v[:, :, start:end] = value.permute(1, 2, 0, 3)
         return k[:, :, :end], v[:, :, :end]
 
     def set_inputs(self, masked: torch.Tensor, angles: Optional[torch.Tensor], heads_per_group: int,
@@ -61,6 +71,11 @@ class KVCache:
         so attention reads each group's keys once, with no GQA expansion (measured 1.8x faster
         than SDPA's `enable_gqa` with a bool mask for a decode step). Masked entries get the
         dtype's lowest finite value rather than -inf: a row can never turn into NaN."""
+        if self.shared is not None:
+            p = self.shared_len
+            if bool(masked[..., :p].any()):
+                raise RuntimeError("a query masks part of the shared prefix: load it with shared=False")
+            masked = masked[..., p:]  # the rows' own slots; every query sees the whole prefix
         bias = torch.zeros(masked.shape, dtype=dtype, device=masked.device)
         bias.masked_fill_(masked, torch.finfo(dtype).min)
         b, _, s, sk = bias.shape
@@ -76,12 +91,16 @@ class KVCache:
         self.offset += s
         self.bias = self.cos = self.sin = None
 
-    def load_prefix(self, prefix_kv: dict, length: int) -> None:
-        """Copy a batch-1 prefix (`PrefixCache.kv`: layer -> keys, values `[1, g, P, d]`) into
-        slots [0, P) of every row and move the offset past it. Keys were rotated with positions
-        0..P-1, which is where the prefix sits in every row."""
+    def load_prefix(self, prefix_kv: dict, length: int, shared: bool = False) -> None:
+        """Put a batch-1 prefix (`PrefixCache.kv`: layer -> keys, values `[1, g, P, d]`) at slots
+        [0, P) of every row and move the offset past it. Keys were rotated with positions
+        0..P-1, which is where the prefix sits in every row. `shared=True` keeps the one copy
+        (every query must see the whole prefix); otherwise it is copied into every row."""
         if self.offset != 0:
             raise RuntimeError("load_prefix needs an empty cache")
+        if shared:
+            self.shared, self.shared_len, self.offset = dict(prefix_kv), length, length
+            return
         for layer, (pk, pv) in prefix_kv.items():
             shape = (self.batch, pk.shape[1], self.max_seq, pk.shape[3])
             k, v = pk.new_zeros(shape), pv.new_zeros(shape)
@@ -92,4 +111,6 @@ class KVCache:
 
     def prefix_kv(self, length: int) -> dict:
         """Row 0's keys/values of slots [0, length), cloned (what `PrefixCache` keeps)."""
+        if self.shared is not None:
+            raise RuntimeError("prefix_kv reads a cache without a shared prefix")
         return {layer: (k[:1, :, :length].clone(), v[:1, :, :length].clone()) for layer, (k, v) in self.layers.items()}

@@ -9,7 +9,9 @@ layer spec names as a leaf submodule, the place megatron itself swaps kernels (l
 * `core_attention` -> `CachedCoreAttention`: rotates the new queries/keys (once, by position),
   writes keys/values to the `KVCache`, and attends with one `F.scaled_dot_product_attention`
   call per layer, the query heads of a KV group folded into the query axis so no key is
-  expanded (megatron's local path: `repeat_interleave` + baddbmm + masked softmax + bmm).
+  expanded (megatron's local path: `repeat_interleave` + baddbmm + masked softmax + bmm). A
+  prefix shared by all rows (`KVCache.load_prefix(shared=True)`) is read once for all rows:
+  `cascade_attention`.
 * megatron's local `ColumnParallelLinear` / `RowParallelLinear` (exactly those classes: TE's
   fused modules are left alone), in the layers and the output layer -> `InferenceLinear`: a
   plain matmul on the module's own weight, and megatron's own
@@ -79,8 +81,52 @@ class CachedCoreAttention(torch.nn.Module):
         # Query head i reads KV group i // r (megatron's grouping): fold the r heads of a group into
         # the query axis, [s, b, g*r, d] -> [b, g, r*s, d], and every group attends with its own keys.
         q = query.permute(1, 2, 0, 3).reshape(b, g, (h // g) * s, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.bias, scale=self.softmax_scale)
+        if cache.shared is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.bias, scale=self.softmax_scale)
+        else:
+            pk, pv = cache.shared[self.layer_number]  # [1, g, P, d]
+            out = cascade_attention(q, pk, pv, k, v, cache.bias, self.softmax_scale)
         return out.view(b, h, s, d).permute(2, 0, 1, 3).reshape(s, b, h * d)  # [s, b, h*d]
+
+
+def attention_with_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention `[B, G, L, d]` and the log-sum-exp of each query's scaled, biased scores
+    `[B, G, L]` (float32). On the CPU, ATen's flash kernel returns both (the kernel that
+    `F.scaled_dot_product_attention` runs there); elsewhere the same in plain matmuls, in float32."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                           scale=scale)
+    return _attention_with_lse_matmul(q, k, v, bias, scale)
+
+
+def _attention_with_lse_matmul(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
+
+
+def cascade_attention(q, prefix_k, prefix_v, k, v, bias, scale: float) -> torch.Tensor:
+    """Attention of `q` (`[b, g, L, d]`) over a prefix every query sees (`[1, g, P, d]`, one copy
+    for all rows) followed by each row's own keys (`[b, g, S, d]`, additive `bias`
+    `[b, 1, L or 1, S]`), as one softmax over `P + S` keys.
+
+    The prefix part folds the b rows into the query axis, one `[g, b*L, P]` product that reads the
+    prefix once instead of once per row; the two partial softmaxes are merged by their
+    log-sum-exps (each query sees at least its own slot, so both are finite)."""
+    b, g, L, d = q.shape
+    folded = q.transpose(0, 1).reshape(1, g, b * L, d)  # row-major within each group
+    o1, lse1 = attention_with_lse(folded, prefix_k, prefix_v, None, scale)
+    o1 = o1.reshape(g, b, L, d).transpose(0, 1)  # [b, g, L, d]
+    lse1 = lse1.reshape(g, b, L).transpose(0, 1)
+    o2, lse2 = attention_with_lse(q, k, v, bias, scale)
+    # The merge in float64 (a [b, g, L, d] elementwise step): in float32 it alone moved logits of
+    # magnitude ~5 by 1e-6, against the 1e-5 the tests hold scoring to.
+    top = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp((lse1 - top).double()), torch.exp((lse2 - top).double())  # [b, g, L]
+    out = (o1.double() * w1[..., None] + o2.double() * w2[..., None]) / (w1 + w2)[..., None]
+    return out.to(q.dtype).contiguous()
 
 
 class InferenceLinear(torch.nn.Module):

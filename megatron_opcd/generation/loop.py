@@ -124,7 +124,10 @@ class _CachedStepper:
         self.module, self.lay, self.groups, self.cache = module, lay, groups, cache
         self.rope = Rope(module, lay.tokens.shape[1])
         if prefix is not None:
-            cache.load_prefix(prefix.kv, len(prefix))
+            # Shared (one copy, cascade attention) unless an empty prompt took the prefix's last
+            # token and masks its cached copy (see `_layout`).
+            shared = not bool((~lay.valid[:, : lay.prefix_len]).any())
+            cache.load_prefix(prefix.kv, len(prefix), shared=shared)
 
     def _run(self, start: int, end: int) -> Optional[torch.Tensor]:
         lay = self.lay

@@ -104,7 +104,7 @@ def score(
         if p:
             if prefix_cache is None:
                 prefix_cache = _prefill_prefix(module, prefix_ids, groups)
-            cache.load_prefix(prefix_cache.kv, p)
+            cache.load_prefix(prefix_cache.kv, p, shared=True)  # one copy for all rows (cascade attention)
             # Every row sees the whole prefix, then causal + padding within its own row.
             mask = torch.cat([torch.zeros(b, 1, s, p, dtype=torch.bool, device=device), mask], dim=-1)
         lo, hi = response_span(packed)  # the output layer computes only the positions read below

@@ -111,6 +111,8 @@ def test_cascade_attention_equals_one_softmax_over_all_keys():
     the attention over [prefix; own keys] (float64 reference, prefix copied into every row); the
     log-sum-exp helpers (the CPU's flash kernel and the plain-matmul path other devices take)
     against logsumexp of the scores."""
+    from functools import partial
+
     import torch.nn.functional as F
 
     from megatron_opcd.generation.kernels import _attention_with_lse_matmul, attention_with_lse, cascade_attention
@@ -131,7 +133,8 @@ def test_cascade_attention_equals_one_softmax_over_all_keys():
     assert got.shape == ref.shape and got.is_contiguous()
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
     ref_lse = torch.logsumexp(torch.matmul(q, k.transpose(-1, -2)) * scale + bias, -1)
-    for fn in (attention_with_lse, _attention_with_lse_matmul):
+    chunked = partial(_attention_with_lse_matmul, max_scores=2 * b * g * S)  # two queries per chunk
+    for fn in (attention_with_lse, _attention_with_lse_matmul, chunked):
         out, lse = fn(q.float(), k.float(), v.float(), bias.float(), scale)
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
         torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale),

@@ -99,12 +99,20 @@ def attention_with_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch
     return _attention_with_lse_matmul(q, k, v, bias, scale)
 
 
-def _attention_with_lse_matmul(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
+def _attention_with_lse_matmul(q, k, v, bias, scale: float, max_scores: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` in float32 matmuls, queries in chunks so that no chunk's score tensor
+    holds more than `max_scores` elements (256 MB)."""
+    B, G, L, _ = q.shape
+    chunk = max(1, max_scores // max(1, B * G * k.shape[-2]))
+    outs, lses = [], []
+    for lo in range(0, L, chunk):
+        scores = torch.matmul(q[:, :, lo:lo + chunk].float(), k.float().transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + (bias if bias.shape[-2] == 1 else bias[..., lo:lo + chunk, :])
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def cascade_attention(q, prefix_k, prefix_v, k, v, bias, scale: float) -> torch.Tensor:

@@ -91,8 +91,9 @@ class CachedCoreAttention(torch.nn.Module):
 
 def attention_with_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention `[B, G, L, d]` and the log-sum-exp of each query's scaled, biased scores
-    `[B, G, L]` (float32). On the CPU, ATen's flash kernel returns both (the kernel that
-    `F.scaled_dot_product_attention` runs there); elsewhere the same in plain matmuls, in float32."""
+    `[B, G, L]`. On the CPU, ATen's flash kernel returns both (the kernel that
+    `F.scaled_dot_product_attention` runs there; the log-sum-exp in the inputs' dtype); elsewhere
+    the same in plain float32 matmuls (a float32 log-sum-exp)."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
                                                                            scale=scale)

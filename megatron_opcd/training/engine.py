@@ -118,14 +118,10 @@ def output_positions(model, lo: int, hi: int):
         yield 0
         return
 
-    def keep(_layer, args, kwargs):
-        if args:
-            return (args[0][lo:hi], *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["input_"] = kwargs["input_"][lo:hi]
-        return args, kwargs
+    def keep(_layer, args):  # GPTModel hands the hidden states over positionally
+        return (args[0][lo:hi], *args[1:])
 
-    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    handle = layer.register_forward_pre_hook(keep)
     try:
         yield lo
     finally:

@@ -1,7 +1,7 @@
-"""One OPCD training step against TRL's GKD trainer, and the cost of the teacher's shared context.
+"""One OPCD training step against TRL's GKD and SDFT trainers, and the cost of the teacher's shared context.
 
     pip install -e '.[bench]'                       # trl==1.16.0 (transformers, datasets, accelerate)
-    .venv/bin/python benchmarks/bench_step.py        # ~5 minutes on 2 busy cores
+    .venv/bin/python benchmarks/bench_step.py        # ~8 minutes on 2 busy cores
     .venv/bin/python benchmarks/bench_step.py --quick
 
 (a) vs_trl: generated response tokens per second of a whole training step (rollout, teacher
@@ -27,23 +27,35 @@
       - TRL: fp32 (bf16=False) and gradient_checkpointing=False (TRL's defaults are bf16 and
         checkpointing; checkpointing also turns off the KV cache in GKD's generation), AdamW, lr
         1e-6, max_grad_norm 1.0 (ours: Adam, lr 1e-6, clip 1.0);
+      - TRL's SDFTTrainer too (trl.experimental.sdft, Shenfeld et al. 2026: on-policy
+        self-distillation whose teacher sees a privileged context; `--no-sdft` skips it), the
+        trainer whose algorithm is OPCD's: `distillation_alpha=1.0` (reverse KL) over the
+        student's top-256 (`distillation_topk=256`), renormalised over it
+        (`distillation_add_tail=False`), one generation per prompt, SDFT's default "base" teacher
+        (a frozen copy of the initial student). Its privileged context is the word "w1" before the
+        prompt in the user turn (template "{privileged_context}\n\n{prompt}"); ours runs the same
+        set-up (`sdft_twin`: `context.placement=user_prefix`, `loss.renormalize=true`, the
+        student's initial weights as the frozen teacher), and its EOS is removed like GKD's;
+      - `vs_trl` is the lower of ours / GKD (top-256) and ours / SDFT: the issue names both as
+        TRL's closest trainers, and the JSON takes the comparison less favourable to us;
       - the same torch thread count for both (1 by default: on a busy 2-core box two threads
         oversubscribe and a run's timings swing by 10x either way); TRL runs in a spawned process
         of its own (importing megatron_opcd pushes a CPU shim, a TorchFunctionMode that sees every
         torch call, and sets RANK/WORLD_SIZE, which would make accelerate wrap TRL's model in DDP);
         the two processes take turns, never run at once.
     A step's time: ours, the `train_step()` call (batch selection included); TRL, from one
-    `on_step_end` to the next (its collation and logging included); the first step of every round is a warm-up and not timed. Rounds alternate ours / TRL, so a burst of load
-    elsewhere hits both; the ratio is the median of the per-round ratios, by each process's CPU
+    `on_step_end` to the next (its collation and logging included); the first step of every
+    round is a warm-up and not timed. Rounds alternate ours / TRL, so a burst of load elsewhere
+    hits both; the ratio is the median of the per-round ratios, by each process's CPU
     time (default, `--clock cpu`: on a shared machine wall time mostly measures the neighbours) or
     by wall time (`--clock wall`); both are printed, with the time per phase (ours: the trainer's
     time_* metrics; TRL: its generation, timed by a wrapper, and the rest).
 
 (b) context_overhead: `score(teacher, prompts, responses, prefix=context)` with a 2,048-token
     shared context against the same call without it (8 x (32 prompt + 64 response) tokens); the
-    context's KV cache is copied to every row. Headline: the context's `PrefixCache` prefilled
-    once beforehand and reused, which is what the trainer does for a frozen teacher
-    (`Trainer.teacher_prefix`: once per run per context; once per step for `teacher: self`). For
+    context's keys and values are one copy that all rows read (cascade attention). Headline: the
+    context's `PrefixCache` prefilled once beforehand and reused, which is what the trainer does
+    for a frozen teacher (`Trainer.teacher_prefix`: once per run per context; once per step for `teacher: self`). For
     reference: the prefill inside the call (`prefix=ids`), the context concatenated into every row
     (no reuse; (a)'s teacher only, two runs), and the prefill alone. Median of interleaved repeats.
     Reuse removes the context's weight matmuls; what no reuse can remove is every response token
@@ -105,6 +117,7 @@ def parse_args(argv=None):
                    help="torch threads per process, the same for ours and TRL (1: on a busy 2-core box two threads "
                         "oversubscribe and their timings swing by 10x)")
     p.add_argument("--no-full-vocab", action="store_true", help="skip our loss.topk=null variant")
+    p.add_argument("--no-sdft", action="store_true", help="skip the comparison with TRL's SDFTTrainer")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="time base of the JSON ratios: each process's CPU time (default: on a shared machine it "
                         "counts the compute a process used, not the time others held the cores; exact with one "
@@ -172,7 +185,11 @@ def build_hf(args, seed: int):
 
 
 def build_ours(args, work: Path, name: str, model_dict: dict, prompts_file: Path, tok_dir: Path, topk,
-               student_hf, teacher_hf, groups):
+               student_hf, teacher_hf, groups, *, sdft_twin: bool = False):
+    """Our Trainer on these weights. `sdft_twin`: the settings of (a)'s SDFT run (`build_sdft`): the
+    context in the user turn (`placement: user_prefix`, "w1" + separator + prompt, as SDFT's
+    template "{privileged_context}\n\n{prompt}" puts it there), the top-k renormalised, and the
+    caller passes the student's own initial weights as the frozen teacher (SDFT's "base" teacher)."""
     import yaml
 
     from megatron_opcd.convert import load_hf_state_into_megatron
@@ -186,9 +203,10 @@ def build_ours(args, work: Path, name: str, model_dict: dict, prompts_file: Path
         "data": {"train": str(prompts_file), "tokenizer": str(tok_dir), "max_prompt_tokens": args.prompt_tokens + 8,
                  "max_context_tokens": args.context_tokens, "seed": 3},
         # OPCD needs a context; GKD has none: a one-word system message (3 teacher-only tokens).
-        "context": {"text": "w1", "placement": "system"},
+        # SDFT's teacher sees the same word in the user turn (1 teacher-only token).
+        "context": {"text": "w1", "placement": "user_prefix" if sdft_twin else "system", "separator": "\n\n"},
         "algorithm": {"name": "opcd"},
-        "loss": {"topk": topk},
+        "loss": {"topk": topk, "renormalize": sdft_twin},
         "generation": {"max_new_tokens": args.new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
         "optimizer": {"lr": 1e-6, "clip_grad": 1.0},
         "schedule": {"steps": 1_000_000, "global_batch_size": args.batch, "micro_batch_size": args.batch},
@@ -242,11 +260,18 @@ def trl_worker(conn, args, tok_dir: str, prompts: list[str], work: str):
     hf_tok = AutoTokenizer.from_pretrained(tok_dir)
     student_hf, teacher_hf = build_hf(args, args.seed + 1), build_hf(args, args.seed + 2)
     sums = (checksum(student_hf), checksum(teacher_hf))
-    trainer, clock, record = build_trl(args, Path(work), hf_tok, prompts, student_hf, teacher_hf)
-    conn.send({"checksums": sums, "mode": str(trainer.args.parallel_mode), "threads": torch.get_num_threads()})
+    runs = {"trl": build_trl(args, Path(work), hf_tok, prompts, student_hf, teacher_hf)}
+    if not args.no_sdft:
+        runs["sdft"] = build_sdft(args, Path(work), hf_tok, prompts, student_hf)
+    gkd = runs["trl"][0]
+    conn.send({"checksums": sums, "mode": str(gkd.args.parallel_mode), "threads": torch.get_num_threads(),
+               "sdft_checksums": [checksum(m) for m in runs["sdft"][3]] if "sdft" in runs else None})
     while conn.recv() == "round":
-        torch.set_num_threads(args.threads)
-        conn.send(time_trl(trainer, clock, record, args.steps))
+        out = {}
+        for name, (trainer, clock, record, _) in runs.items():
+            torch.set_num_threads(args.threads)
+            out[name] = time_trl(trainer, clock, record, args.steps)
+        conn.send(out)
     conn.close()
 
 
@@ -301,7 +326,55 @@ def build_trl(args, work: Path, hf_tok, prompts: list[str], student_hf, teacher_
         return out
 
     trainer.generate_on_policy_outputs = counted  # an instance attribute: called unbound, like the staticmethod
-    return trainer, clock, record
+    return trainer, clock, record, (trainer.model, trainer.teacher_model)
+
+
+def build_sdft(args, work: Path, hf_tok, prompts: list[str], student_hf):
+    """TRL's SDFTTrainer (trl.experimental.sdft; Shenfeld et al. 2026, "Self-Distillation Enables
+    Continual Learning"): on-policy, the teacher sees a privileged context the student does not,
+    the loss is a divergence over the student's top-k. Set up as OPCD: `distillation_alpha=1.0`
+    (reverse KL), `distillation_topk=256`, the top-k renormalised (`distillation_add_tail=False`),
+    one generation per prompt; the teacher is SDFT's default "base", a frozen copy of the initial
+    student (loaded from the folder the student is loaded from); the privileged context is "w1",
+    put before the prompt in the user turn as ours does (`sdft_twin`)."""
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    folder = work / "sdft_student"
+    student_hf.save_pretrained(str(folder))  # SDFT builds its "base" teacher from the student's path
+    student = LlamaForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa")
+    student.generation_config.eos_token_id = None
+    rows = [{"prompt": [{"role": "user", "content": p}], "privileged_context": "w1"} for p in prompts]
+    config = SDFTConfig(
+        output_dir=str(work / "sdft"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        num_generations=1, learning_rate=1e-6, max_grad_norm=1.0, temperature=1.0, top_k=0, top_p=1.0,
+        max_completion_length=args.new_tokens, max_prompt_length=None, distillation_mode="topk_logits",
+        distillation_topk=256, distillation_alpha=1.0, distillation_add_tail=False, teacher_model_kind="base",
+        teacher_prompt_template="{privileged_context}\n\n{prompt}", max_steps=args.steps + 1,
+        logging_steps=1_000_000, save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
+    )
+    clock = StepClock()
+    trainer = SDFTTrainer(model=student, args=config, train_dataset=Dataset.from_list(rows), processing_class=hf_tok,
+                          callbacks=[clock.hook()])
+    # No EOS, as on the other sides: SDFT adds the tokenizer's EOS to the generation config and cuts
+    # completions after it; neither happens here (-1 is no token id), so every response has 64 tokens.
+    trainer.generation_config.eos_token_id = None
+    trainer.eos_token_ids = [-1]
+    record = {"tokens": [], "generate": []}
+    original = trainer._generate
+
+    def counted(prompt_ids):
+        t0 = time.perf_counter(), time.process_time()
+        out = original(prompt_ids)
+        record["generate"].append((time.perf_counter() - t0[0], time.process_time() - t0[1]))
+        record["tokens"].append(sum(len(c) for c in out[1]))
+        record["prompt_len"] = len(prompt_ids[0])
+        return out
+
+    trainer._generate = counted
+    return trainer, clock, record, (trainer.model, trainer.teacher_model)
 
 
 def time_trl(trainer, clock, record, steps: int) -> dict:
@@ -394,7 +467,12 @@ def loadavg() -> str:
 
 LABELS = {"top256": "ours, reverse KL over the student's top-256 (default)",
           "full": "ours, reverse KL exact (loss.topk=null)",
-          "trl": "TRL GKDTrainer (lmbda=1, beta=1: reverse KL, full vocab)"}
+          "trl": "TRL GKDTrainer (lmbda=1, beta=1: reverse KL, full vocab)",
+          "sdft_twin": "ours as SDFT is set up (top-256 renormalised, context in the user turn)",
+          "sdft": "TRL SDFTTrainer (alpha=1: reverse KL, top-256 renormalised, base teacher)"}
+BASELINE = {"top256": "trl", "full": "trl", "sdft_twin": "sdft"}
+"""Which TRL run each of ours is compared with."""
+TRL_NAMES = {"trl": "GKD", "sdft": "SDFT"}
 
 
 def main(argv=None):
@@ -457,6 +535,9 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     if not args.no_full_vocab:
         ours["full"] = build_ours(args, work, "full", model_dict, prompts_file, tok_dir, None,
                                   student_hf, teacher_hf, groups)
+    if not args.no_sdft:  # SDFT's teacher is the initial student: ours gets the student's weights twice
+        ours["sdft_twin"] = build_ours(args, work, "sdft_twin", model_dict, prompts_file, tok_dir, 256,
+                                       student_hf, student_hf, groups, sdft_twin=True)
     trainer = ours["top256"]
     check = torch.randint(len(SPECIALS), args.vocab, (1, 16))
     with torch.no_grad():
@@ -471,18 +552,22 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     print(f"same weights: max |logits(megatron) - logits(HF)| = {float((mine - ref).abs().max()):.1e}; TRL's "
           f"student and teacher {'are' if same else 'are NOT'} these models (parameter checksums); TRL: "
           f"{ready['mode']}, {ready['threads']} thread(s)", flush=True)
+    if ready["sdft_checksums"] is not None:
+        same = ready["sdft_checksums"] == [checksum(student_hf)] * 2
+        print(f"SDFT's student and its base teacher {'are' if same else 'are NOT'} the student above", flush=True)
     del student_hf, teacher_hf
 
     # --- (a) -----------------------------------------------------------------------------------
     for t in ours.values():  # one warm-up step each (TRL's first step of every round is untimed)
         time_ours(t, 1, args.batch)
-    rounds = {k: [] for k in (*ours, "trl")}
+    rounds = {k: [] for k in (*ours, "trl", *(["sdft"] if "sdft_twin" in ours else []))}
     for r in range(args.rounds):  # ours and TRL take turns, so a burst of load elsewhere hits both
         for name, t in ours.items():
             torch.set_num_threads(args.threads)
             rounds[name].append(time_ours(t, args.steps, args.batch))
         conn.send("round")
-        rounds["trl"].append(conn.recv())
+        for name, result in conn.recv().items():
+            rounds[name].append(result)
         line = ", ".join(f"{k} {v[-1]['tokens'] / v[-1]['wall']:.1f} ({v[-1]['tokens'] / v[-1]['cpu']:.1f})"
                          for k, v in rounds.items())
         print(f"  round {r + 1}/{args.rounds}: tokens per wall (CPU) second: {line}; load {loadavg()}", flush=True)
@@ -491,15 +576,17 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
         if any(x["tokens"] != expected for x in v):
             print(f"WARNING: {k} trained on {[x['tokens'] for x in v]} tokens per round, expected {expected}")
     trl_prompt = rounds["trl"][0]["prompt_len"]
-    if trl_prompt != rendered:
-        print(f"WARNING: prompt lengths differ: TRL {trl_prompt}, ours {rendered}")
+    for name in ("trl", "sdft"):
+        if name in rounds and rounds[name][0]["prompt_len"] != rendered:
+            print(f"WARNING: prompt lengths differ: {name} {rounds[name][0]['prompt_len']}, ours {rendered}")
 
     def speed(name, clock):
         return sum(x["tokens"] for x in rounds[name]) / sum(x[clock] for x in rounds[name])
 
     def ratio(name, clock):
+        base = BASELINE[name]
         return statistics.median((a["tokens"] / a[clock]) / (b["tokens"] / b[clock])
-                                 for a, b in zip(rounds[name], rounds["trl"]))
+                                 for a, b in zip(rounds[name], rounds[base]))
 
     def profile(name, clock):
         steps = sum(x["tokens"] for x in rounds[name]) / (args.batch * args.new_tokens)
@@ -515,11 +602,18 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
         unit = "wall-clock second" if clock == "wall" else "CPU second of its process"
         print(f"  tokens per {unit}:")
         for k in rounds:
-            extra = f"  {ratio(k, clock):5.2f}x TRL" if k != "trl" else ""
-            print(f"    {LABELS[k]:<58} {speed(k, clock):8.1f}{extra}")
+            extra = f"  {ratio(k, clock):5.2f}x {TRL_NAMES[BASELINE[k]]}" if k in BASELINE else ""
+            print(f"    {LABELS[k]:<74} {speed(k, clock):8.1f}{extra}")
             print(f"        per step: {profile(k, clock)}")
-    vs_trl = ratio("top256", args.clock)
-    print(f"vs_trl = ours (top-256, as a user runs it) / TRL, by {args.clock} time: {vs_trl:.3f}")
+    vs_gkd = ratio("top256", args.clock)
+    if "sdft" in rounds:
+        vs_sdft = ratio("sdft_twin", args.clock)
+        vs_trl = min(vs_gkd, vs_sdft)
+        print(f"vs_trl = the lower of ours / GKD (top-256, as a user runs it) {vs_gkd:.3f} and ours / SDFT (set up "
+              f"as SDFT is) {vs_sdft:.3f}, by {args.clock} time: {vs_trl:.3f}")
+    else:
+        vs_trl = vs_gkd
+        print(f"vs_trl = ours (top-256, as a user runs it) / TRL GKD, by {args.clock} time: {vs_trl:.3f}")
 
     # --- (b) -----------------------------------------------------------------------------------
     gen = torch.Generator().manual_seed(7)

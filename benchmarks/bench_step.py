@@ -36,8 +36,10 @@
         prompt in the user turn (template "{privileged_context}\n\n{prompt}"); ours runs the same
         set-up (`sdft_twin`: `context.placement=user_prefix`, `loss.renormalize=true`, the
         student's initial weights as the frozen teacher), and its EOS is removed like GKD's;
-      - `vs_trl` is the lower of ours / GKD (top-256) and ours / SDFT: the issue names both as
-        TRL's closest trainers, and the JSON takes the comparison less favourable to us;
+      - `vs_trl` is ours as a user runs it (top-256, the headline above) against the faster of
+        GKD and SDFT over all rounds: the issue names both as TRL's closest trainers, and the JSON
+        takes the comparison less favourable to us. Ours set up as SDFT is (`sdft_twin`) is
+        printed against SDFT as a cross-check of the same algorithm;
       - the same torch thread count for both (1 by default: on a busy 2-core box two threads
         oversubscribe and a run's timings swing by 10x either way); TRL runs in a spawned process
         of its own (importing megatron_opcd pushes a CPU shim, a TorchFunctionMode that sees every
@@ -470,8 +472,8 @@ LABELS = {"top256": "ours, reverse KL over the student's top-256 (default)",
           "trl": "TRL GKDTrainer (lmbda=1, beta=1: reverse KL, full vocab)",
           "sdft_twin": "ours as SDFT is set up (top-256 renormalised, context in the user turn)",
           "sdft": "TRL SDFTTrainer (alpha=1: reverse KL, top-256 renormalised, base teacher)"}
-BASELINE = {"top256": "trl", "full": "trl", "sdft_twin": "sdft"}
-"""Which TRL run each of ours is compared with."""
+BASELINE = {"top256": ("trl", "sdft"), "full": ("trl",), "sdft_twin": ("sdft",)}
+"""Which TRL runs each of ours is compared with."""
 TRL_NAMES = {"trl": "GKD", "sdft": "SDFT"}
 
 
@@ -583,8 +585,7 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     def speed(name, clock):
         return sum(x["tokens"] for x in rounds[name]) / sum(x[clock] for x in rounds[name])
 
-    def ratio(name, clock):
-        base = BASELINE[name]
+    def ratio(name, clock, base):
         return statistics.median((a["tokens"] / a[clock]) / (b["tokens"] / b[clock])
                                  for a, b in zip(rounds[name], rounds[base]))
 
@@ -602,18 +603,16 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
         unit = "wall-clock second" if clock == "wall" else "CPU second of its process"
         print(f"  tokens per {unit}:")
         for k in rounds:
-            extra = f"  {ratio(k, clock):5.2f}x {TRL_NAMES[BASELINE[k]]}" if k in BASELINE else ""
-            print(f"    {LABELS[k]:<74} {speed(k, clock):8.1f}{extra}")
+            bases = [b for b in BASELINE.get(k, ()) if b in rounds]
+            extra = ", ".join(f"{ratio(k, clock, b):.2f}x {TRL_NAMES[b]}" for b in bases)
+            print(f"    {LABELS[k]:<74} {speed(k, clock):8.1f}  {extra}".rstrip())
             print(f"        per step: {profile(k, clock)}")
-    vs_gkd = ratio("top256", args.clock)
-    if "sdft" in rounds:
-        vs_sdft = ratio("sdft_twin", args.clock)
-        vs_trl = min(vs_gkd, vs_sdft)
-        print(f"vs_trl = the lower of ours / GKD (top-256, as a user runs it) {vs_gkd:.3f} and ours / SDFT (set up "
-              f"as SDFT is) {vs_sdft:.3f}, by {args.clock} time: {vs_trl:.3f}")
-    else:
-        vs_trl = vs_gkd
-        print(f"vs_trl = ours (top-256, as a user runs it) / TRL GKD, by {args.clock} time: {vs_trl:.3f}")
+    # Against the faster of TRL's two trainers over all rounds: the comparison less favourable to us.
+    trl_runs = [b for b in TRL_NAMES if b in rounds]
+    fastest = max(trl_runs, key=lambda b: speed(b, args.clock))
+    vs_trl = ratio("top256", args.clock, fastest)
+    print(f"vs_trl = ours (top-256, as a user runs it) / TRL {TRL_NAMES[fastest]} (the faster TRL trainer here, by "
+          f"{args.clock} time), median over rounds: {vs_trl:.3f}")
 
     # --- (b) -----------------------------------------------------------------------------------
     gen = torch.Generator().manual_seed(7)

@@ -197,12 +197,42 @@ def single_process_checks() -> dict:
                     5 + len(p) - 1 : 5 + len(p) - 1 + len(r)]).abs().max())
                 for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)) if r),
         }
+    res["native"] = native_kernel_check(model, groups, v)
     # generate/score put megatron's own modules back.
     layer = model.decoder.layers[0]
     res["modules_after"] = [type(m).__name__ for m in (layer.self_attention.core_attention,
                                                        layer.self_attention.linear_qkv, layer.mlp.linear_fc2,
                                                        model.output_layer)]
     return res
+
+
+def native_kernel_check(model, groups, v: int) -> dict:
+    """Greedy decoding of 8 rows (the kernel's unrolled case; 4 rows take its general one) with the
+    CPU decode kernel, counted, and with it switched off (`supports` says no: torch matmuls)."""
+    from megatron_opcd.generation import SamplingParams, generate, native
+
+    rows = PROMPTS + [p[::-1] + [3] for p in PROMPTS]
+    greedy = SamplingParams(max_new_tokens=N, greedy=True)
+    real_linear, real_supports, calls = native.linear_rows, native.supports, []
+
+    def counted(x, w):
+        calls.append(x.shape[0])
+        return real_linear(x, w)
+
+    native.linear_rows = counted  # kernels calls it through the module: this sees every call
+    try:
+        on = [generate(model, r, greedy, groups=groups, vocab_size=v) for r in (rows, PROMPTS)]
+        native.supports = lambda x, w: False
+        off = [generate(model, r, greedy, groups=groups, vocab_size=v) for r in (rows, PROMPTS)]
+    finally:
+        native.linear_rows, native.supports = real_linear, real_supports
+    return {
+        "status": native.native_status(),
+        "rows_per_call": sorted(set(calls)),
+        "same_tokens": [a.responses == b.responses for a, b in zip(on, off)],
+        "logprob_err": max(abs(x - y) for a, b in zip(on, off) for ra, rb in zip(a.logprobs, b.logprobs)
+                           for x, y in zip(ra, rb)),
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,6 +90,78 @@ def test_megatron_modules_restored_after_generation(single):
                                        "ColumnParallelLinear"]
 
 
+def test_cpu_decode_kernel_used_and_equal_to_torch_matmuls(single):
+    info = single["native"]
+    ok, why = info["status"]
+    if not ok:
+        pytest.skip(f"CPU decode kernel unavailable here: {why}")
+    # Decode steps of 8 and 4 rows went through the kernel (prefill's many rows did not) ...
+    assert info["rows_per_call"] == [4, 8], info["rows_per_call"]
+    # ... and gave the tokens and log-probs of torch's matmuls.
+    assert info["same_tokens"] == [True, True]
+    assert info["logprob_err"] < 1e-5, info["logprob_err"]
+
+
+@pytest.mark.parametrize("rows,k,n", [(8, 64, 96), (8, 13, 5), (5, 1408, 40), (2, 7, 3), (3, 256, 1), (8, 1, 8)])
+def test_cpu_decode_kernel_matches_float64(rows, k, n):
+    from megatron_opcd.generation import native
+
+    ok, why = native.native_status()
+    if not ok:
+        pytest.skip(f"CPU decode kernel unavailable here: {why}")
+    gen = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randn(rows, k + 5, generator=gen)[:, 2 : 2 + k]  # rows k + 5 apart: a strided view
+    w = torch.randn(n, k, generator=gen)
+    with torch.no_grad():
+        assert native.supports(x, w)
+        y = native.linear_rows(x, w)
+    ref = x.double() @ w.double().T
+    # fp32 summation of k products: error <= k * 2^-24 * sum |x||w| (a dropped or doubled term is
+    # about |x_k w_k|, far above it).
+    bound = k * 2.0**-24 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
+
+
+def test_cpu_decode_kernel_applies_only_where_it_is_right():
+    from megatron_opcd.generation import native
+
+    x, w = torch.randn(8, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        assert native.supports(x, w)
+        assert not native.supports(torch.randn(9, 16), w)  # more rows than accumulators
+        assert not native.supports(torch.randn(1, 16), w)  # one row: MKL's matrix-vector product
+        assert not native.supports(x.double(), w.double())  # fp32 only
+        assert not native.supports(x, torch.randn(16, 4).T)  # the weight must be a contiguous [N, K]
+        assert not native.supports(torch.randn(16, 8).T, w)  # rows need unit stride
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert not native.supports(x, w)  # more threads: MKL's parallel sgemm
+        finally:
+            torch.set_num_threads(threads)
+    assert not native.supports(x, w)  # autograd on: never (the kernel has no backward)
+
+
+def test_cpu_decode_kernel_off_says_why(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from megatron_opcd.generation import native; "
+            "print(native.native_status()); native.announce_fallback()")
+    env = {**os.environ, "OPCD_CPU_KERNEL": "0", "OPCD_QUIET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(False, 'disabled by OPCD_CPU_KERNEL=0')" in out.stdout
+    assert "CPU decode kernel not used (disabled by OPCD_CPU_KERNEL=0); decoding uses torch matmuls" in out.stderr
+    env = {**os.environ, "OPCD_CPU_KERNEL": "1", "CC": str(tmp_path / "no-such-compiler"),
+           "OPCD_CACHE_DIR": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if "no AVX2" not in out.stdout:  # on an AVX2 machine the build itself fails, with the reason
+        assert "did not build or load" in out.stdout and "no-such-compiler" in out.stdout
+
+
 def test_rotation_matches_megatron():
     """kernels._rotate (applied once, when a key enters the cache) = megatron's apply_rotary_pos_emb,
     for half-split and interleaved channel pairs and for partial rotary dims, per-row angles."""

@@ -18,13 +18,14 @@ layer spec names as a leaf submodule, the place megatron itself swaps kernels (l
   `reduce_from_tensor_model_parallel_region` / `gather_from_tensor_model_parallel_region`. The
   stock forward routes every call through an autograd Function, autocast decorators, offloading
   and gradient-fusion checks: ~0.18 ms of Python per call on the CPU, 15% of a decode step.
-  While decoding on the CPU it multiplies by an `[in, out]` copy of the weight (see `attach`).
+  While decoding on the CPU, a step's 2-8 rows go through `native.linear_rows` (a small AVX2
+  kernel that reads each weight row once; 1.5x MKL's sgemm at 8 rows), one row (and more than
+  8) through an `[in, out]` copy of the weight (see `attach`).
 
 Measured on the CPU benchmark (docs/generation.md): with the cache, these swaps and running
 without the compat layer's per-op redirect, decoding went from 0.49x to 0.96-1.03x transformers'
 `generate` for a 28M-parameter Llama (batch 8 / batch 1), where a decode step is bound by
-streaming the weights, the same for both; a 5M-parameter model's decode step is ~20% faster than
-transformers' (7.5 vs 9.1 ms at batch 8).
+streaming the weights; with the decode kernel, 1.21-1.28x at batch 8.
 Everything is forward-only, under `torch.no_grad()`; the student's training forward never sees
 these modules.
 """
@@ -37,6 +38,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from megatron_opcd.generation import native
 from megatron_opcd.generation.cache import KVCache
 
 
@@ -144,13 +146,17 @@ class InferenceLinear(torch.nn.Module):
     megatron's `skip_bias_add` contract.
 
     `transposed=False` reads the wrapped module's weight at every call. `transposed=True` (decode
-    on the CPU, see `attach`) multiplies by a contiguous `[in, out]` copy of the weight, made at the
-    first call and kept while attached: the weights cannot change inside one `generate` call."""
+    on the CPU, see `attach`) sends calls of 2 to 8 rows (`native.MIN_ROWS`, `native.MAX_ROWS`) to
+    `native.linear_rows`
+    when it can run (`native.supports`), and multiplies the others by a contiguous `[in, out]` copy
+    of the weight, made at the first such call and kept while attached: the weights cannot change
+    inside one `generate` call."""
 
     def __init__(self, linear, row: bool, transposed: bool = False):
         super().__init__()
         self._src = (linear,)  # a tuple: not registered as a submodule (no duplicate parameters)
         self.row, self.transposed = row, transposed
+        self.native = transposed and native.native_status()[0]
         self._copy = None  # (source weight, its [in, out] copy)
 
     @property
@@ -162,6 +168,10 @@ class InferenceLinear(torch.nn.Module):
     def _matmul(self, x, weight):
         if not self.transposed:
             return F.linear(x, weight)
+        if self.native:
+            rows = x.reshape(-1, x.shape[-1])  # [s*b, in]: a view for a decode step's [1, b, in]
+            if native.supports(rows, weight):
+                return native.linear_rows(rows, weight).view(*x.shape[:-1], weight.shape[0])
         if self._copy is None or self._copy[0] is not weight:
             self._copy = (weight, weight.detach().t().contiguous())
         return torch.matmul(x, self._copy[1])
@@ -225,16 +235,21 @@ def _swaps(module, cache: KVCache, transposed: bool):
 def attach(module, cache: KVCache, *, decode: bool = False):
     """Swap this stage's attention cores (and local linears) for the kernels above; restore on exit.
 
-    `decode=True` (the generation loop: many forwards of one token per row) lets the linears
-    multiply by `[in, out]` copies of their weights on the CPU: MKL reads them faster for a few
-    rows than nn.Linear's `[out, in]` (measured on one core, batch 8: 9% less matmul time for a
-    28M-parameter Llama, 31% for a 5M one; benchmarks/bench_generation.py). The copies, one more
-    set of this stage's weights, live until detach. GPUs keep the stock layout (cuBLAS reads
-    either at full speed), as does scoring (one forward: the copy would cost what it saves)."""
+    `decode=True` (the generation loop: many forwards of one token per row) lets the linears use
+    the CPU decode kernel (`native.linear_rows`) for 2 to 8 rows with one torch thread, and
+    otherwise multiply by `[in, out]` copies of their weights on the CPU: MKL reads them faster
+    for a few rows than nn.Linear's `[out, in]` (measured on one core, batch 8: 9% less matmul
+    time for a 28M-parameter Llama, 31% for a 5M one; benchmarks/bench_generation.py). The
+    copies, one more set of this stage's weights, are made only when used and live until
+    detach. GPUs keep the stock layout (cuBLAS reads either at full speed), as does scoring
+    (one forward: the copy would cost what it saves). Without the kernel (see
+    `native.native_status`), decoding on the CPU says so once."""
     check_supported(module.config)
     if getattr(module.config, "sequence_parallel", False):
         raise RuntimeError("attach needs sequence parallelism off (run inside stage.inference_mode)")
     transposed = decode and next(module.parameters()).device.type == "cpu"
+    if transposed and torch.get_num_threads() == 1:
+        native.announce_fallback()  # a no-op when the kernel runs
     originals = []
     try:
         for parent, name, replacement in list(_swaps(module, cache, transposed)):

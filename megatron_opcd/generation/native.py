@@ -156,9 +156,9 @@ def supports(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_rows(x2d, weight)` applies: CPU fp32, MIN_ROWS to MAX_ROWS rows, rows with unit
     stride, a contiguous `[N, K]` weight, and one torch thread (the kernel runs on one core; with
     more threads MKL's parallel sgemm is the better choice)."""
-    return (
-        x2d.device.type == "cpu" and weight.device.type == "cpu" and x2d.dtype == torch.float32
-        and weight.dtype == torch.float32 and x2d.dim() == 2 and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS
+    return (  # the row count first: it alone turns away prefill and batch-1 steps
+        x2d.dim() == 2 and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS and x2d.device.type == "cpu"
+        and weight.device.type == "cpu" and x2d.dtype == torch.float32 and weight.dtype == torch.float32
         and x2d.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == x2d.shape[1]
         and not torch.is_grad_enabled() and torch.get_num_threads() == 1
     )

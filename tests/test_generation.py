@@ -162,6 +162,24 @@ def test_cpu_decode_kernel_off_says_why(tmp_path):
         assert "did not build or load" in out.stdout and "no-such-compiler" in out.stdout
 
 
+def test_cpu_decode_kernel_is_never_loaded_from_a_folder_others_can_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    shared, own = tmp_path / "shared", tmp_path / "xdg"
+    shared.mkdir()
+    shared.chmod(0o777)
+    code = "from megatron_opcd.generation import native; print(native.native_status())"
+    env = {**os.environ, "OPCD_CPU_KERNEL": "1", "OPCD_CACHE_DIR": str(shared), "XDG_CACHE_HOME": str(own)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if "(True, 'ok')" not in out.stdout:
+        pytest.skip(f"CPU decode kernel unavailable here: {out.stdout.strip()}")
+    assert list(shared.iterdir()) == []  # passed over: anyone could have put a library there
+    assert [p.name.startswith("opcd_linear_rows-") for p in (own / "megatron_opcd").iterdir()] == [True]
+
+
 def test_rotation_matches_megatron():
     """kernels._rotate (applied once, when a key enters the cache) = megatron's apply_rotary_pos_emb,
     for half-split and interleaved channel pairs and for partial rotary dims, per-row angles."""

@@ -12,8 +12,9 @@ errors against float64 no larger than MKL's.
 
 The C source below is compiled once with the system C compiler (`$CC`, else `gcc`/`cc`) into a
 cache folder (`$OPCD_CACHE_DIR`, else `$XDG_CACHE_HOME/megatron_opcd`, else
-`~/.cache/megatron_opcd`; a temporary folder if none is writable), named by a hash of the source
-and flags, written atomically, and loaded with ctypes. `native_status()` says whether it can run
+`~/.cache/megatron_opcd`; a temporary folder if none is writable; a folder not owned by this user
+or writable by others is passed over), named by a hash of the source and flags, written
+atomically, and loaded with ctypes. `native_status()` says whether it can run
 and why not: no AVX2/FMA, no compiler, a failed build, or `OPCD_CPU_KERNEL=0`. Callers fall back
 to torch matmuls and `announce_fallback` says so once per process.
 """
@@ -107,10 +108,13 @@ def _build(compiler: str) -> Path:
     errors = []
     for folder in _cache_dirs():
         lib = folder / f"opcd_linear_rows-{tag}.so"
-        if lib.exists():
-            return lib
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = folder.stat()
+            if info.st_uid != os.getuid() or info.st_mode & 0o022:  # a library loaded from here runs as us
+                raise OSError("not owned by this user, or writable by others")
+            if lib.exists():
+                return lib
             with tempfile.TemporaryDirectory(dir=folder) as tmp:  # several ranks may build at once
                 src, out = Path(tmp) / "kernel.c", Path(tmp) / "kernel.so"
                 src.write_text(SOURCE)

@@ -4,19 +4,19 @@ At 8 rows (a decode step of 8 sequences) MKL's sgemm, whichever layout and packi
 streams a 28M-parameter model's weights at ~6.5 GB/s on one core, a third of what the core reads
 (docs/generation.md). `linear_rows` computes `y = x @ w.T` for `x` `[M <= 8, K]` and the weight
 in its own `[N, K]` layout: each weight row is read once, contiguously, and dotted with the M
-activation rows (AVX2 FMA, fp32 accumulation in 8 lanes, then a horizontal sum). Used for 2 to 8 rows (one row
-is a matrix-vector product MKL streams as fast). Measured on the
-2-core CPU box, one thread: the 33 decode matmuls of the 28M benchmark model 17.7 -> 11.7 ms,
-the 17 of the 5M model 4.1 -> 2.6 ms (medians; weights cycled through memory as in a decode step);
-errors against float64 no larger than MKL's.
+activation rows (AVX2 FMA, fp32 accumulation in 8 lanes, then a horizontal sum). Used for 2 to 8
+rows (one row is a matrix-vector product MKL streams as fast). Measured on the 2-core CPU box,
+one thread: the 33 decode matmuls of the 28M benchmark model 17.7 -> 11.7 ms, the 17 of the 5M
+model 4.1 -> 2.6 ms (medians; weights cycled through memory as in a decode step); errors against
+float64 no larger than MKL's.
 
 The C source below is compiled once with the system C compiler (`$CC`, else `gcc`/`cc`) into a
 cache folder (`$OPCD_CACHE_DIR`, else `$XDG_CACHE_HOME/megatron_opcd`, else
 `~/.cache/megatron_opcd`; a temporary folder if none is writable; a folder not owned by this user
 or writable by others is passed over), named by a hash of the source and flags, written
-atomically, and loaded with ctypes. `native_status()` says whether it can run
-and why not: no AVX2/FMA, no compiler, a failed build, or `OPCD_CPU_KERNEL=0`. Callers fall back
-to torch matmuls and `announce_fallback` says so once per process.
+atomically, and loaded with ctypes. `native_status()` says whether it can run and why not: no
+AVX2/FMA, no compiler, a failed build, or `OPCD_CPU_KERNEL=0`. Callers fall back to torch
+matmuls and `announce_fallback` says so once per process.
 """
 
 from __future__ import annotations

@@ -315,20 +315,29 @@ def build_trl(args, work: Path, hf_tok, prompts: list[str], student_hf, teacher_
     clock = StepClock()
     trainer = GKDTrainer(model=student_hf, teacher_model=teacher_hf, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=hf_tok, callbacks=[clock.hook()])
-    # Count the tokens GKD actually trains on and time its generation (a wrapper, same call).
-    record = {"tokens": [], "generate": []}
-    original = trainer.generate_on_policy_outputs
+    # Count the tokens GKD actually trains on and time its generation (a wrapper, same call; an
+    # instance attribute, called unbound like the staticmethod it shadows).
+    trainer.generate_on_policy_outputs, record = timed_generation(
+        trainer.generate_on_policy_outputs,
+        tokens=lambda out: int((out[2] != -100).sum()),  # labels: -100 on prompt and padding
+        prompt_len=lambda model, inputs, generation_config: int(inputs["prompts"].shape[1]))
+    return trainer, clock, record, (trainer.model, trainer.teacher_model)
 
-    def counted(model, inputs, generation_config):
+
+def timed_generation(generate, *, tokens, prompt_len):
+    """`generate` wrapped to record, per call, its wall and CPU seconds, the response tokens it
+    made (`tokens(output)`) and the prompt length (`prompt_len(*args)`): what `time_trl` reads."""
+    record = {"tokens": [], "generate": []}
+
+    def wrapper(*args):
         t0 = time.perf_counter(), time.process_time()
-        out = original(model, inputs, generation_config)
+        out = generate(*args)
         record["generate"].append((time.perf_counter() - t0[0], time.process_time() - t0[1]))
-        record["tokens"].append(int((out[2] != -100).sum()))  # labels: -100 on prompt and padding
-        record["prompt_len"] = int(inputs["prompts"].shape[1])
+        record["tokens"].append(tokens(out))
+        record["prompt_len"] = prompt_len(*args)
         return out
 
-    trainer.generate_on_policy_outputs = counted  # an instance attribute: called unbound, like the staticmethod
-    return trainer, clock, record, (trainer.model, trainer.teacher_model)
+    return wrapper, record
 
 
 def build_sdft(args, work: Path, hf_tok, prompts: list[str], student_hf):
@@ -364,18 +373,9 @@ def build_sdft(args, work: Path, hf_tok, prompts: list[str], student_hf):
     # completions after it; neither happens here (-1 is no token id), so every response has 64 tokens.
     trainer.generation_config.eos_token_id = None
     trainer.eos_token_ids = [-1]
-    record = {"tokens": [], "generate": []}
-    original = trainer._generate
-
-    def counted(prompt_ids):
-        t0 = time.perf_counter(), time.process_time()
-        out = original(prompt_ids)
-        record["generate"].append((time.perf_counter() - t0[0], time.process_time() - t0[1]))
-        record["tokens"].append(sum(len(c) for c in out[1]))
-        record["prompt_len"] = len(prompt_ids[0])
-        return out
-
-    trainer._generate = counted
+    trainer._generate, record = timed_generation(
+        trainer._generate, tokens=lambda out: sum(len(c) for c in out[1]),  # (prompt ids, completion ids)
+        prompt_len=lambda prompt_ids: len(prompt_ids[0]))
     return trainer, clock, record, (trainer.model, trainer.teacher_model)
 
 

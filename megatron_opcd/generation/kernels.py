@@ -147,10 +147,9 @@ class InferenceLinear(torch.nn.Module):
 
     `transposed=False` reads the wrapped module's weight at every call. `transposed=True` (decode
     on the CPU, see `attach`) sends calls of 2 to 8 rows (`native.MIN_ROWS`, `native.MAX_ROWS`) to
-    `native.linear_rows`
-    when it can run (`native.supports`), and multiplies the others by a contiguous `[in, out]` copy
-    of the weight, made at the first such call and kept while attached: the weights cannot change
-    inside one `generate` call."""
+    `native.linear_rows` when it can run (`native.supports`), and multiplies the others by a
+    contiguous `[in, out]` copy of the weight, made at the first such call and kept while
+    attached: the weights cannot change inside one `generate` call."""
 
     def __init__(self, linear, row: bool, transposed: bool = False):
         super().__init__()

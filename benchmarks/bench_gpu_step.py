@@ -3,9 +3,12 @@
     python benchmarks/bench_gpu_step.py                                  # bf16
     python benchmarks/bench_gpu_step.py --fp8 hybrid --fp8-recipe delayed
     python benchmarks/bench_gpu_step.py --fp8 hybrid --fp8-recipe tensorwise --json-out result.json
+    python benchmarks/bench_gpu_step.py --transformer-impl local --seq 2048   # megatron's local spec, bf16
 
 The "student step" is the update phase of OPCD: forward and backward of the student over packed
-[prompt; response] rows through megatron-core (Transformer Engine layers) and an Adam step (torch's
+[prompt; response] rows through megatron-core (Transformer Engine layers, or with
+`--transformer-impl local` megatron's local spec: torch norms and its unfused attention, which
+keeps a [b, heads, s, s] score tensor per layer, hence the shorter sequence) and an Adam step (torch's
 fused Adam on the bf16 weights; megatron's optimizer wrapper adds the fp32 master copy, not measured
 here). Rollout generation and teacher scoring are not included. Random weights and tokens; the
 loss is cross-entropy on the full vocabulary (the top-k KL's cost is small next to the model).
@@ -29,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Llama-3.2-1B's shape (1.24B parameters with tied embeddings).
 ARCH = dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=8192,
             kv_channels=64, vocab_size=128256, max_position_embeddings=8192, rotary_base=500000, tie_embeddings=True,
-            params_dtype="bf16", transformer_impl="transformer_engine")
+            params_dtype="bf16")
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
@@ -42,6 +45,7 @@ def peak_tflops(name: str) -> float | None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine")
     ap.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None)
     ap.add_argument("--fp8-recipe", choices=["delayed", "tensorwise"], default="delayed")
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -63,7 +67,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     parallel.initialize(ParallelConfig())
-    cfg = ModelConfig(**ARCH, fp8=args.fp8, fp8_recipe=args.fp8_recipe)
+    cfg = ModelConfig(**ARCH, transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe=args.fp8_recipe)
     model = build_model(cfg, "student", seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6, fused=True)
     b, s = args.micro_batch, args.seq
@@ -97,6 +101,7 @@ def main(argv=None) -> dict:
     peak = peak_tflops(name)
     result = {
         "gpu": name, "precision": f"fp8 {args.fp8} {args.fp8_recipe}" if args.fp8 else "bf16",
+        "transformer_impl": args.transformer_impl,
         "params": n_params, "micro_batch": b, "seq": s, "step_seconds": seconds, "tokens_per_s": tokens_per_s,
         "tflops_per_s": flops_per_token * tokens_per_s / 1e12,
         "mfu_vs_bf16_peak": flops_per_token * tokens_per_s / 1e12 / peak if peak else None,

@@ -115,10 +115,21 @@ def _implementations() -> str:
     return f"CUDA: Transformer Engine {'available' if te else 'missing'}, apex {'available' if apex else 'missing'}"
 
 
-def _init_process_group(parallel: ParallelConfig) -> None:
+def process_group_backend(parallel: ParallelConfig) -> str:
+    """torch.distributed's backend string for `parallel.backend`.
+
+    With NCCL (the default with CUDA), host tensors still take part in collectives: the trainer's
+    metric sums, stop flags and evaluation counts are small CPU tensors. NCCL reduces only CUDA
+    tensors, so the process groups get gloo for the CPU beside NCCL for the GPU
+    (`cpu:gloo,cuda:nccl`); megatron's groups, created without a backend, inherit both."""
     backend = parallel.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend=nccl needs CUDA; use parallel.backend=gloo (or null) on CPU")
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
+def _init_process_group(parallel: ParallelConfig) -> None:
+    backend = process_group_backend(parallel)
     timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     if "RANK" not in os.environ:
         # A single process without a launcher: a group of one, on a free local port. The

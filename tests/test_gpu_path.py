@@ -3,7 +3,8 @@
 GPU-marked (skipped on CPU with the reason, see conftest.py); `benchmarks/gpu_check.sh` runs them.
   - the TE spec computes what the local spec computes, in bf16, with the same weights;
   - a training step in FP8 (delayed and current/tensorwise scaling) runs and its loss stays close to
-    bf16's, before and after the optimizer step.
+    bf16's, before and after the optimizer step;
+  - the whole trainer on the GPU gives the losses of the same run on the CPU (no TE needed).
 One process (TP = PP = 1) each: what these check is the layer implementation, not the layout.
 """
 
@@ -107,6 +108,11 @@ def _two_steps(fp8, recipe, _rank=0):
 
 @pytest.mark.gpu
 def test_te_spec_equals_local_spec_in_bf16(run_ranks):
+    from megatron_opcd.compat.optional import transformer_engine_status
+
+    ok, why = transformer_engine_status()
+    if not ok:
+        pytest.skip(why)
     r = run_ranks(_te_vs_local, 1, timeout=300)[0]
     # bf16 with different kernels (fused norm+linear, flash/cuDNN attention): log-probs agree to
     # bf16 precision, the distributions to a KL of ~1e-4 nats.
@@ -130,3 +136,50 @@ def test_fp8_step_runs_and_loss_stays_close_to_bf16(run_ranks, fp8, recipe):
     for bf16, f8 in zip(r["bf16"], r["fp8"]):
         assert torch.isfinite(torch.tensor(f8)), r
         assert abs(f8 - bf16) / bf16 < 0.02, r  # cross-entropy ~ log(2048) = 7.6: within 2%
+
+
+def _train(config, logs, env):
+    """`python -m megatron_opcd.train` as a user runs it; the metrics of each train and eval line."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "megatron_opcd.train", "--config", str(config), f"logging.dir={logs}",
+                          f"checkpoint.save={logs / 'ckpt'}"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    return run.stderr + run.stdout, lines
+
+
+@pytest.mark.gpu
+def test_opcd_training_on_gpu_equals_cpu(tmp_path):
+    """The whole trainer on the GPU (NCCL + gloo groups, KV-cache generation, teacher scoring with a
+    shared context prefix, megatron's schedule, the loss, SGD, evaluation, a dist_checkpointing
+    save) gives the losses of the same run on the CPU. Greedy rollouts and SGD in float32: the
+    two runs differ only by floating-point summation order (cuBLAS vs MKL)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _train_fixtures import make_run
+
+    cfg = make_run(tmp_path / "run", steps=3, extra={"optimizer.name": "sgd", "optimizer.lr": 0.5,
+                                                     "generation.greedy": True, "evaluation.interval": 3,
+                                                     "evaluation.max_new_tokens": 8})
+    env = dict(os.environ, OMP_NUM_THREADS="4", PYTHONUNBUFFERED="1")
+    gpu_log, gpu = _train(cfg, tmp_path / "gpu", env)
+    cpu_log, cpu = _train(cfg, tmp_path / "cpu", dict(env, CUDA_VISIBLE_DEVICES=""))
+    assert "backend cpu:gloo,cuda:nccl" in gpu_log and "CUDA:" in gpu_log, gpu_log[-2000:]
+    assert "backend gloo" in cpu_log, cpu_log[-2000:]
+    for split in ("train", "eval"):
+        g = [m for m in gpu if m["split"] == split]
+        c = [m for m in cpu if m["split"] == split]
+        assert len(g) == len(c) > 0, (split, g, c)
+        for a, b in zip(g, c):
+            key = "loss" if split == "train" else "kl"
+            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), (split, a, b)
+            if split == "train":
+                assert a["response_len"] == b["response_len"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4)
+    assert (tmp_path / "gpu" / "ckpt" / "step_0000003" / "opcd_checkpoint.json").is_file()
+    train = [m["loss"] for m in cpu if m["split"] == "train"]
+    assert len(set(train)) == len(train), "the steps must change the loss, or equal losses would prove little"

@@ -8,7 +8,7 @@ padding lengths. The loss then compares the two aligned tensors position by posi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -44,6 +44,10 @@ class PackedBatch:
     @property
     def seq_length(self) -> int:
         return self.tokens.shape[1]
+
+    def to(self, device) -> "PackedBatch":
+        """The same batch with every tensor on `device` (packing happens on the host)."""
+        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def causal_padding_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -333,9 +333,10 @@ class Trainer:
 
     def _micro_batches(self, rollout: Rollout, teacher_logits) -> list[MicroBatch]:
         multiple = self.groups.tp_size if self.groups.sequence_parallel else 1
+        device = next(self.student.parameters()).device  # packed on the host, used where the model is
         return [
             MicroBatch(pack(rollout.batch.student_prompts[sl], rollout.responses[sl], pad_id=self.tokenizer.pad_id,
-                            pad_to_multiple=multiple), t)
+                            pad_to_multiple=multiple).to(device), t)
             for sl, t in zip(self._micro_slices(len(rollout.responses)), teacher_logits)
         ]
 

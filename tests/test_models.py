@@ -93,6 +93,34 @@ def test_te_spec_refused_on_cpu(groups):
         build_model(ModelConfig(transformer_impl="transformer_engine"), groups=groups)
 
 
+def test_bf16_model_keeps_norms_in_bf16(groups):
+    """megatron's local spec makes torch norms in float32; the builder casts them like Megatron-LM's
+    Float16Module would (float32 weights on bf16 activations take torch's unfused norm kernel)."""
+    from megatron_opcd.models import build_model
+
+    model = build_model(ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                                    vocab_size=128, qk_layernorm=True, params_dtype="bf16"), groups=groups)
+    norms = {n for n, _ in model.named_parameters() if "layernorm" in n}
+    assert len(norms) == 5  # input, pre-MLP, q, k, final
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_process_group_backend(monkeypatch):
+    """NCCL reduces CUDA tensors only: with it, host tensors (metric sums, stop flags) go over gloo."""
+    from megatron_opcd.config import ParallelConfig
+    from megatron_opcd.parallel import process_group_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_group_backend(ParallelConfig()) == "gloo"
+    assert process_group_backend(ParallelConfig(backend="gloo")) == "gloo"
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        process_group_backend(ParallelConfig(backend="nccl"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_group_backend(ParallelConfig()) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(ParallelConfig(backend="nccl")) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(ParallelConfig(backend="gloo")) == "gloo"
+
+
 def test_bad_role(groups):
     from megatron_opcd.models import build_model
 

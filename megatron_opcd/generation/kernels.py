@@ -88,7 +88,8 @@ class CachedCoreAttention(torch.nn.Module):
         else:
             pk, pv = cache.shared[self.layer_number]  # [1, g, P, d]
             out = cascade_attention(q, pk, pv, k, v, cache.bias, self.softmax_scale)
-        return out.view(b, h, s, d).permute(2, 0, 1, 3).reshape(s, b, h * d)  # [s, b, h*d]
+        # reshape, not view: CUDA's SDPA kernels hand back [b, g, r*s, d] as a strided view of [b, r*s, g, d].
+        return out.reshape(b, h, s, d).permute(2, 0, 1, 3).reshape(s, b, h * d)  # [s, b, h*d]
 
 
 def attention_with_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

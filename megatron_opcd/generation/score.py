@@ -111,7 +111,7 @@ def score(
         with attach(module, cache):
             logits = forward_stage(module, tokens, positions, mask, groups=groups, rope=Rope(module, p + s),
                                    cache=cache, gather=False, span=(lo, hi))  # [b, hi - lo, V/tp]
-    mask = packed.response_mask
+    mask = packed.response_mask.to(device)  # where the logits are
     if logits is None:
         return ScoreOutput(logits=None, logprobs=None, mask=mask)
     prefix_last = _shard(prefix_cache.last_logits, groups) if prefix_cache is not None else None
@@ -121,7 +121,7 @@ def score(
         logprobs = vocab_parallel_token_logprobs(
             aligned, packed.response_tokens.to(device), tp_group=groups.tp_group, tp_rank=groups.tp_rank,
             tp_size=groups.tp_size, vocab_size=vocab_size,
-        ) * mask.to(device)
+        ) * mask
     return ScoreOutput(logits=aligned, logprobs=logprobs, mask=mask)
 
 

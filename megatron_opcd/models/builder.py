@@ -17,6 +17,18 @@ from megatron_opcd.models.spec import fp8_kwargs, layer_spec
 from megatron_opcd.parallel import ParallelGroups
 
 
+def _norms_in_model_dtype(model, dtype: torch.dtype) -> None:
+    """torch's norm modules of the local spec are created in float32 whatever `params_dtype` says
+    (megatron-core's `WrappedTorchNorm` passes no dtype; Megatron-LM's Float16Module casts the
+    whole model afterwards). Cast them as it would: a float32 weight on bf16 activations sends
+    torch to its unfused norm kernel (a warning says so on CUDA). TE's norms follow params_dtype."""
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+            module.to(dtype)
+
+
 def transformer_config(model: ModelConfig, groups: ParallelGroups, *, perform_initialization: bool = True):
     """megatron-core's TransformerConfig for `model` under this process's layout."""
     from megatron.core.transformer.enums import AttnBackend
@@ -122,6 +134,7 @@ def build_model(
         pg_collection=groups.pg_collection,
     )
     _apply_rope_scaling_details(model, model_config)
+    _norms_in_model_dtype(model, config.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
     model.opcd_config = model_config  # what the model was built from (checkpoints and tools read it)

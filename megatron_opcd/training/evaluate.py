@@ -49,8 +49,8 @@ def eval_kl(trainer, examples, step: int) -> tuple[float, list[list[int]]]:
                                        temperature=trainer.cfg.loss_temperature, tp_group=trainer.groups.tp_group,
                                        vocab_size=trainer.model_config.vocab_size)
         if trainer.groups.tp_rank == 0:
-            buf[0] = (kl.double() * s.mask.double()).sum()
-            buf[1] = s.mask.double().sum()
+            buf[0] = float((kl.double() * s.mask.double()).sum())  # host floats: gloo reduces them
+            buf[1] = float(s.mask.double().sum())
     dist.all_reduce(buf)
     return float(buf[0] / buf[1]) if buf[1] > 0 else float("nan"), responses
 

@@ -130,6 +130,12 @@ def single_process_checks() -> dict:
     res["naive_score_prefix"] = naive_score
     res["naive_score"] = [naive_logits(model, p + r)[len(p) - 1 : len(p) - 1 + len(r)] if r else None
                           for p, r in zip(PROMPTS, RESPONSES)]
+    # An empty prompt after the prefix: its first response token is predicted by the prefix's last
+    # position, which the batch never runs (the PrefixCache's logits).
+    empty = ([[], [4, 4]], [[8, 9, 10], [11, 12]])
+    res["score_empty_prompt"] = score(model, *empty, groups=groups, prefix=PREFIX).logits
+    res["naive_score_empty_prompt"] = [naive_logits(model, PREFIX + p + r)[len(PREFIX) + len(p) - 1:][: len(r)]
+                                       for p, r in zip(*empty)]
 
     # Sampling: reproducible for a seed, different across seeds; the padded vocabulary never drawn.
     hot = dict(max_new_tokens=24, temperature=50.0)

@@ -41,8 +41,8 @@ def train_run(config_path: str, overrides: list[str]) -> dict:
 
 
 def response_logits_only(config_path: str, overrides: list[str]) -> dict:
-    """The training forward with the output layer on the response positions only (what
-    `Trainer._forward_step` runs) against a plain full-sequence forward whose response logits are
+    """The training forward with the output layer on the response positions only, aligned to the
+    response tokens (what `Trainer._forward_step` runs) against a plain full-sequence forward whose response logits are
     picked one by one: loss and every gradient, and the width the output layer actually saw."""
     import torch
 
@@ -61,7 +61,7 @@ def response_logits_only(config_path: str, overrides: list[str]) -> dict:
     trainer.student.train()
     model = unwrap(trainer.ddp)
     widths = []
-    hook = model.output_layer.register_forward_hook(lambda m, a, out: widths.append(out[0].shape[0]))
+    hook = model.output_layer.register_forward_hook(lambda m, a, out: widths.append(tuple(out[0].shape[:2])))
 
     def grads():
         return {n: main_grad(w).detach().clone() for n, w in model.named_parameters() if main_grad(w) is not None}
@@ -82,7 +82,7 @@ def response_logits_only(config_path: str, overrides: list[str]) -> dict:
     reference = grads()
     hook.remove()
     out = {"sliced_loss": float(sliced_loss), "ref_loss": float(ref_loss), "widths": widths,
-           "seq": p.seq_length, "max_grad_diff": max(float((sliced[n] - reference[n]).abs().max()) for n in reference),
+           "seq": p.seq_length, "rows": R, "batch": b, "max_grad_diff": max(float((sliced[n] - reference[n]).abs().max()) for n in reference),
            "max_grad": max(float(g.abs().max()) for g in reference.values()), "same_names": sorted(sliced) == sorted(reference)}
     trainer.logger.close()
     parallel.destroy()

@@ -70,6 +70,8 @@ def test_prefix_score_equals_recomputation(single):
             ref_lp = torch.log_softmax(ref[:, :250].float(), -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
             torch.testing.assert_close(out["logprobs"][: len(r), i], ref_lp, atol=1e-5, rtol=0)
         assert (out["logprobs"] * (1 - out["mask"])).abs().max() == 0
+    for i, ref in enumerate(single["naive_score_empty_prompt"]):
+        torch.testing.assert_close(single["score_empty_prompt"][: len(ref), i], ref, atol=1e-5, rtol=0)
 
 
 def test_learned_absolute_positions(single):

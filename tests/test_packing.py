@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_opcd.data.packing import gather_response, pack, pack_segments, response_span
+from megatron_opcd.data.packing import gather_response, pack, pack_segments
 
 
 def test_teacher_and_student_rows_align_on_response_tokens():
@@ -27,24 +27,6 @@ def test_teacher_and_student_rows_align_on_response_tokens():
     assert torch.equal(lt.argmax(-1)[m], t.response_tokens[m])
     assert s.response_tokens[:, 1].tolist() == [30, 31, 32]
     assert s.response_mask[:, 0].tolist() == [1, 1, 0]
-
-
-def test_response_span_and_offset_read_the_same_logits():
-    """The output layer may compute positions [lo, hi) only: gathering from that slice with
-    `offset=lo` gives the full gather's logits at every real response token."""
-    prompts = [[5, 6, 7, 8, 9], [8, 4, 3], [1, 2, 3, 4, 5, 6, 7]]
-    responses = [[20, 21], [30, 31, 32, 33], [40]]
-    p = pack(prompts, responses, pad_id=0)
-    lo, hi = response_span(p)
-    assert (lo, hi) == (2, 7)  # row 1's last prompt position .. row 2's last prompt position
-    logits = torch.randn(p.batch_size, p.seq_length, 11)
-    m = p.response_mask.bool()
-    full = gather_response(logits, p)
-    sliced = gather_response(logits[:, lo:hi], p, offset=lo)
-    assert torch.equal(sliced[m], full[m])
-    assert not torch.equal(gather_response(logits[:, lo - 1:hi], p, offset=lo)[m], full[m])  # a wrong offset shows
-    empty = pack([[1, 2]], [[]])
-    assert response_span(empty) == (0, empty.seq_length)  # nothing to read: no slicing
 
 
 def test_segments_train_only_marked_turns():

@@ -58,11 +58,15 @@ def test_one_step_matches_tp1(step_runs, layout):
 
 
 def test_output_layer_sees_only_response_positions(run_ranks, tmp_path):
-    """The student's training forward runs the output layer on the response positions only; its
-    loss and gradients equal a full-sequence forward whose response logits are picked one by one."""
+    """The student's training forward runs the output layer on the response positions only (its
+    hidden states gathered, the logits returned aligned); its loss and gradients equal a full-sequence forward whose response logits are picked one by one."""
     cfg = str(make_run(tmp_path, steps=1, extra={"checkpoint.save": None, "logging.dir": str(tmp_path / "logs")}))
     got = run_ranks(response_logits_only, 1, cfg, [], timeout=300)[0]
-    assert got["widths"][0] < got["seq"] and got["widths"][1] == got["seq"]  # sliced, then the full reference
+    # The output layer saw [R, b] (response rows only, already aligned: registered before the
+    # trainer's own hook, this one sees the logits before they are handed back transposed), then
+    # the full [S, b] of the reference.
+    assert got["widths"][0] == (got["rows"], got["batch"]) and got["rows"] < got["seq"]
+    assert got["widths"][1] == (got["seq"], got["batch"])
     assert got["sliced_loss"] == pytest.approx(got["ref_loss"], rel=1e-6)
     assert got["same_names"] and got["max_grad"] > 1e-4
     assert got["max_grad_diff"] <= 1e-6 * max(1.0, got["max_grad"])

@@ -135,28 +135,14 @@ def pack_segments(
     )
 
 
-def response_span(packed: PackedBatch) -> tuple[int, int]:
-    """`(lo, hi)`: the positions `[lo, hi)` whose outputs predict some row's response tokens (the
-    union over rows); a model's output layer need not see the others. `lo` is 0 when a cached
-    prefix's last position predicts a token (index -1)."""
-    idx = packed.response_index[packed.response_mask > 0]
-    if idx.numel() == 0:
-        return 0, packed.seq_length
-    return max(int(idx.min()), 0), int(idx.max()) + 1
+def gather_response(logits_bsv: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    """[b, S, v] logits -> [R, b, v] aligned to the response tokens (rows past a response's end
+    hold junk and are masked by `packed.response_mask`).
 
-
-def gather_response(logits_bsv: torch.Tensor, packed: PackedBatch, prefix_last: torch.Tensor | None = None,
-                    offset: int = 0) -> torch.Tensor:
-    """[b, S', v] logits of positions [offset, offset + S') -> [R, b, v] aligned to the response
-    tokens (rows past a response's end hold junk and are masked by `packed.response_mask`).
-
-    Index -1 (empty prompt after a cached prefix) takes `prefix_last` ([b, v] or [1, v]), the
-    logits of the prefix's last position."""
-    b, _, v = logits_bsv.shape
-    idx = packed.response_index.to(logits_bsv.device)  # [R, b]
-    safe = (idx - offset).clamp(min=0)
+    Where the output layer can run on the response positions alone, the models return this layout
+    directly (`stage.forward_stage(rows=...)`, `training.engine.response_outputs`); this is the
+    gather for the other cases (sequence parallelism, multi-token prediction)."""
+    b = logits_bsv.shape[0]
+    idx = packed.response_index.to(logits_bsv.device).clamp(min=0)  # [R, b]
     # Advanced indexing allocates only the [R, b, v] result (a gather index would be as large).
-    out = logits_bsv[torch.arange(b, device=idx.device)[None, :], safe]  # [R, b, v]
-    if prefix_last is not None and bool((idx < 0).any()):
-        out = torch.where((idx < 0)[:, :, None], prefix_last.expand(b, v)[None], out)
-    return out.contiguous()
+    return logits_bsv[torch.arange(b, device=idx.device)[None, :], idx].contiguous()  # [R, b, v]

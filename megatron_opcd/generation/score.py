@@ -2,8 +2,9 @@
 
 `score` packs `[prompt; response]` rows with `megatron_opcd.data.packing.pack` (the layout the
 trainer and the loss use), runs them through `stage.forward_stage` (the same stage forward, PP
-transport and KV cache as `generate`), and aligns the output with `gather_response`, so row t of
-the result is the distribution that predicts response token t. With a prefix (the teacher's
+transport and KV cache as `generate`), the output layer on the packing's response positions only
+(`response_index`, gathered from the hidden states), so row t of the result is the distribution
+that predicts response token t. With a prefix (the teacher's
 privileged context), the prefix is prefilled once at batch 1 (`stage.prefill_prefix`), its cache
 copied to every row, and the packed batch runs after it at slot offset P.
 
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.data.packing import gather_response, pack, pack_segments, response_span
+from megatron_opcd.data.packing import pack, pack_segments
 from megatron_opcd.generation.cache import KVCache
 from megatron_opcd.generation.kernels import attach
 from megatron_opcd.generation.stage import PrefixCache, Rope, _prefill_prefix, forward_stage, inference_mode, model_device
@@ -107,15 +108,15 @@ def score(
             cache.load_prefix(prefix_cache.kv, p, shared=True)  # one copy for all rows (cascade attention)
             # Every row sees the whole prefix, then causal + padding within its own row.
             mask = torch.cat([torch.zeros(b, 1, s, p, dtype=torch.bool, device=device), mask], dim=-1)
-        lo, hi = response_span(packed)  # the output layer computes only the positions read below
+        index = packed.response_index.to(device)  # [R, b]: the output layer computes only these positions
         with attach(module, cache):
-            logits = forward_stage(module, tokens, positions, mask, groups=groups, rope=Rope(module, p + s),
-                                   cache=cache, gather=False, span=(lo, hi))  # [b, hi - lo, V/tp]
+            aligned = forward_stage(module, tokens, positions, mask, groups=groups, rope=Rope(module, p + s),
+                                    cache=cache, gather=False, rows=index)  # [R, b, V/tp]
     mask = packed.response_mask.to(device)  # where the logits are
-    if logits is None:
+    if aligned is None:
         return ScoreOutput(logits=None, logprobs=None, mask=mask)
-    prefix_last = _shard(prefix_cache.last_logits, groups) if prefix_cache is not None else None
-    aligned = gather_response(logits, packed, prefix_last=prefix_last, offset=lo)  # [R, b, V/tp]
+    if prefix_cache is not None and bool((index < 0).any()):  # an empty prompt: the prefix's last position
+        aligned = torch.where((index < 0)[:, :, None], _shard(prefix_cache.last_logits, groups)[None], aligned)
     logprobs = None
     if return_logprobs:
         logprobs = vocab_parallel_token_logprobs(

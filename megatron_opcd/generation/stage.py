@@ -102,12 +102,14 @@ def forward_stage(
     cache: Optional[KVCache] = None,
     gather: bool = True,
     last_only: bool = False,
-    span: Optional[tuple[int, int]] = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """Run `tokens` ([b, s], the same on every rank) through this stage; hidden states travel
     stage to stage over `groups.pp_group`. Returns the logits `[b, s, V or V/tp]` (`[b, 1, ...]`
-    with `last_only`, `[b, hi - lo, ...]` for positions `[lo, hi)` with `span`) on the last stage,
-    full vocabulary if `gather`; None elsewhere. The output layer sees only those positions.
+    with `last_only`) on the last stage, full vocabulary if `gather`; None elsewhere. With `rows`
+    (`[R, b]` positions, negative ones read position 0) it returns `[R, b, ...]`: row t of column
+    i holds the logits of position `rows[t, i]` of sequence i (the response-aligned layout the
+    losses read). The output layer sees only the positions it returns.
 
     `attention_mask` is `[b, 1, s, sk]` bool, True = masked. With `cache` (attached to `module`
     with `kernels.attach`), the new keys/values go to slots `[cache.offset, +s)`, the mask covers
@@ -134,11 +136,11 @@ def forward_stage(
         return None
     if last_only:
         out = out[-1:]
-    elif span is not None:
-        out = out[span[0] : span[1]]
+    elif rows is not None:  # gather h numbers a position, not V: [s, b, h] -> [R, b, h]
+        out = out[rows.clamp(min=0), torch.arange(b, device=out.device)[None, :]]
     weight = module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights else None
-    logits, _ = module.output_layer(out, weight=weight, runtime_gather_output=gather)  # [s, b, V or V/tp]
-    return logits.transpose(0, 1).contiguous()  # [b, s, V]
+    logits, _ = module.output_layer(out, weight=weight, runtime_gather_output=gather)  # [s or R, b, V or V/tp]
+    return logits if rows is not None else logits.transpose(0, 1).contiguous()  # [R, b, V] or [b, s, V]
 
 
 def broadcast_from_last_stage(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:

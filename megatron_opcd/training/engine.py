@@ -98,31 +98,43 @@ def main_grad(param: torch.Tensor) -> torch.Tensor | None:
 
 
 @contextmanager
-def output_positions(model, lo: int, hi: int):
+def response_outputs(model, index: torch.Tensor):
     """Inside the block, the output layer of `model` (a last pipeline stage; megatron wrappers
-    allowed) computes positions `[lo, hi)` only; yields the offset of its first output position
-    (`lo`, or 0 where nothing is sliced).
+    allowed) computes only the positions of `index` (`[R, b]`, row t of column i = the position
+    whose output predicts response token t of sequence i; negative entries read position 0), and
+    the model returns them aligned, `[R, b, v/tp]`, instead of `[b, S, v/tp]`. Yields True where
+    it did, False where it cannot (then the model returns `[b, S, v/tp]` as usual and the caller
+    gathers): with sequence parallelism (the hidden states are split along the sequence) or
+    multi-token prediction (the output layer also runs on the MTP heads' states).
 
-    The loss reads the response positions; the prompt's logits would cost the output layer's
-    matmuls forward and backward and a `[b, S, V/tp]` tensor for nothing. megatron slices the
-    hidden states before the output layer the same way for inference
-    (`materialize_only_last_token_logits`). Not sliced: with sequence parallelism (the hidden
-    states are split along the sequence there) or multi-token prediction (the output layer also
-    runs on the MTP heads' states)."""
+    The loss reads only the response positions: the prompt's logits would cost the output layer's
+    matmuls forward and backward, and reordering `[b, S, V]` logits into the loss's `[R, b, V]`
+    would cost a copy of the largest tensor of the step each way. Gathering the `[S, b, h]`
+    hidden states instead moves `h` numbers a position rather than `V`; and since megatron's
+    GPTModel returns `logits.transpose(0, 1).contiguous()`, the output hook hands it the
+    transposed view of the contiguous `[R, b, V]` logits, so that `.contiguous()` copies nothing.
+    megatron slices the hidden states before the output layer the same way for inference
+    (`materialize_only_last_token_logits`)."""
     from megatron_opcd.checkpointing import unwrap
 
     module = unwrap(model)
     layer = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
     config = getattr(module, "config", None)
     if layer is None or getattr(config, "sequence_parallel", False) or getattr(config, "mtp_num_layers", None):
-        yield 0
+        yield False
         return
 
-    def keep(_layer, args):  # GPTModel hands the hidden states over positionally
-        return (args[0][lo:hi], *args[1:])
+    def gather(_layer, args):  # GPTModel hands the hidden states [S, b, h] over positionally
+        hidden = args[0]
+        idx = index.to(hidden.device).clamp(min=0)  # [R, b]
+        return (hidden[idx, torch.arange(idx.shape[1], device=hidden.device)[None, :]], *args[1:])  # [R, b, h]
 
-    handle = layer.register_forward_pre_hook(keep)
+    def transposed(_layer, _args, output):  # (logits [R, b, v], bias)
+        return (output[0].transpose(0, 1), *output[1:])
+
+    handles = [layer.register_forward_pre_hook(gather), layer.register_forward_hook(transposed)]
     try:
-        yield lo
+        yield True
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

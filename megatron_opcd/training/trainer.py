@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from megatron_opcd.checkpointing import CheckpointError, load_model_weights, read_model_config, tokenizer_dir, unwrap
 from megatron_opcd.config import ConfigError, ModelConfig
-from megatron_opcd.data.packing import gather_response, pack, response_span
+from megatron_opcd.data.packing import gather_response, pack
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream, load_contexts, load_examples
 from megatron_opcd.data.render import PromptRenderer, common_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
@@ -40,7 +40,7 @@ from megatron_opcd.training.engine import (
     configure_schedule,
     forward_backward,
     main_grad,
-    output_positions,
+    response_outputs,
     wrap_ddp,
     zero_grads,
 )
@@ -343,11 +343,11 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         micro: MicroBatch = next(data_iterator)
         p = micro.packed
-        with output_positions(model, *response_span(p)) as offset:  # logits of response positions only
-            output = model(p.tokens, p.position_ids, p.attention_mask)  # [b, S', v/tp] on the last stage
+        with response_outputs(model, p.response_index) as aligned:  # logits of response positions only
+            output = model(p.tokens, p.position_ids, p.attention_mask)  # last stage: [R, b, v/tp] (else [b, S, v/tp])
 
         def loss_func(output_tensor):
-            return self.objective(gather_response(output_tensor, p, offset=offset), micro)
+            return self.objective(output_tensor if aligned else gather_response(output_tensor, p), micro)
 
         return output, loss_func
 

@@ -39,6 +39,14 @@ def free_port() -> int:
 
 
 def _context() -> mp.context.BaseContext:
+    """forkserver with torch and megatron-core imported once (a rank then starts in a fraction of a
+    second on a CPU box); on a CUDA host, spawn: the preloaded imports initialise CUDA in the fork
+    server there, and a CUDA context does not survive a fork (seen on an H200: every rank failed
+    with "Cannot re-initialize CUDA in forked subprocess")."""
+    import torch
+
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx

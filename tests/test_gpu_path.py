@@ -183,3 +183,49 @@ def test_opcd_training_on_gpu_equals_cpu(tmp_path):
     assert (tmp_path / "gpu" / "ckpt" / "step_0000003" / "opcd_checkpoint.json").is_file()
     train = [m["loss"] for m in cpu if m["split"] == "train"]
     assert len(set(train)) == len(train), "the steps must change the loss, or equal losses would prove little"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_conversion_and_generate_cli_on_gpu(tmp_path, arch):
+    """On the GPU, as a user runs them: `tools/convert_checkpoint.py hf-to-megatron`, then
+    `python -m megatron_opcd.generate --greedy` (KV cache) gives the greedy tokens of HF's own
+    `generate` (computed on the CPU, float32), and `megatron-to-hf` writes back the original tensors
+    bit for bit."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opcd.convert import HFReader
+    from test_convert import NEW, P, VOCAB, _hf_generate, _make_hf, _make_tokenizer
+
+    repo = Path(__file__).resolve().parents[1]
+    hf = _make_hf(arch, tmp_path / "hf", _make_tokenizer(tmp_path))
+    prompts = torch.randint(3, VOCAB, (2, P), generator=torch.Generator().manual_seed(11))
+    ref = _hf_generate(AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval(), prompts)
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        return out
+
+    ck, back = tmp_path / "ck", tmp_path / "back"
+    cli("tools/convert_checkpoint.py", "hf-to-megatron", "--hf", str(hf), "--out", str(ck), "--dtype", "fp32",
+        "--make-vocab-size-divisible-by", "64")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt_ids": p.tolist()}) + "\n" for p in prompts))
+    run = cli("-m", "megatron_opcd.generate", "--ckpt", str(ck), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+              str(tmp_path / "o.jsonl"), "--greedy", "--max-new-tokens", str(NEW), "--ignore-eos", "--no-progress")
+    assert "CUDA:" in run.stdout + run.stderr, "the generation ran on the CPU"
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    got = torch.tensor([p.tolist() + r["response_ids"] for p, r in zip(prompts, rows)])
+    assert torch.equal(got, ref), f"{got} vs HF {ref}"
+    cli("tools/convert_checkpoint.py", "megatron-to-hf", "--ckpt", str(ck), "--out", str(back))
+    original = load_file(str(hf / "model.safetensors"))
+    with HFReader(back) as exported:
+        assert sorted(exported.keys()) == sorted(original)
+        for name, t in original.items():
+            assert torch.equal(exported.get(name), t), name

@@ -121,6 +121,17 @@ def test_process_group_backend(monkeypatch):
     assert process_group_backend(ParallelConfig(backend="gloo")) == "gloo"
 
 
+def test_ranks_spawn_on_cuda_hosts(monkeypatch):
+    """A CUDA context does not survive a fork: on a CUDA host the ranks are spawned, on a CPU box
+    they fork from a server that has torch and megatron-core imported."""
+    from megatron_opcd import launcher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launcher._context().get_start_method() == "forkserver"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert launcher._context().get_start_method() == "spawn"
+
+
 def test_bad_role(groups):
     from megatron_opcd.models import build_model
 

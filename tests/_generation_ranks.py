@@ -215,7 +215,8 @@ def single_process_checks() -> dict:
 def native_kernel_check(model, groups, v: int) -> dict:
     """Greedy decoding of 8 rows (the kernel's unrolled case; 4 rows take its general one) with the
     CPU decode kernel, counted, and with it switched off (`supports` says no: torch matmuls)."""
-    from megatron_opcd.generation import SamplingParams, generate, native
+    from megatron_opcd import native
+    from megatron_opcd.generation import SamplingParams, generate
 
     rows = PROMPTS + [p[::-1] + [3] for p in PROMPTS]
     greedy = SamplingParams(max_new_tokens=N, greedy=True)

@@ -311,6 +311,47 @@ def test_topk_ties_break_towards_the_lower_index():
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
 
 
+def _stable_topk_columns(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference rule: a stable descending sort (ties keep ascending columns), first k, in column order."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k].sort(dim=-1).values
+
+
+def test_local_topk_kernel_and_torch_paths_pick_the_same_columns(monkeypatch):
+    """`local_topk` on the C kernel (CPU fp32, one thread) and on torch.topk with its tie repair
+    pick exactly the reference set: many ties (bf16-rounded logits, constant rows), -0.0 and
+    +0.0, -inf padding, strided rows, n not a multiple of 4, k = 1 and k = n - 1."""
+    from megatron_opcd import native
+    from megatron_opcd.losses.math import local_topk
+
+    if not native.native_status()[0]:
+        pytest.skip(f"CPU kernels unavailable here: {native.native_status()[1]}")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 1003, generator=g)
+    rows = [base, base.bfloat16().float(), (base * 3).round(), torch.zeros(64, 1003)]
+    x = torch.cat(rows)  # [256, 1003]
+    x[5, :40] = -0.0
+    x[6, :] = float("-inf")
+    x[6, 7] = 1.0
+    x[7, ::3] = float("-inf")
+    strided = torch.randn(16, 2000, generator=g)[:, :1003]  # rows 2000 floats apart
+    calls = []
+    real = native.topk_rows
+    monkeypatch.setattr(native, "topk_rows", lambda *a: calls.append(1) or real(*a))
+    for data in (x, strided):
+        for k in (1, 2, 256, 1002):
+            want = _stable_topk_columns(data, k)
+            vals, idx = local_topk(data, k)
+            order = idx.argsort(dim=-1)
+            assert torch.equal(idx.gather(-1, order), want), k
+            assert torch.equal(vals.gather(-1, order), data.gather(-1, want)), k
+            monkeypatch.setattr(native, "topk_supports", lambda *a: False)  # the torch path
+            vals_t, idx_t = local_topk(data, k)
+            monkeypatch.undo()
+            monkeypatch.setattr(native, "topk_rows", lambda *a: calls.append(1) or real(*a))
+            assert torch.equal(idx_t.sort(dim=-1).values, want), k
+    assert len(calls) == 8  # every kernel-path call above ran the kernel
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from megatron_opcd.generation import native
+from megatron_opcd import native
 from megatron_opcd.generation.cache import KVCache
 
 

@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         "params": n_params, "micro_batch": b, "seq": s, "step_seconds": seconds, "tokens_per_s": tokens_per_s,
         "tflops_per_s": flops_per_token * tokens_per_s / 1e12,
         "mfu_vs_bf16_peak": flops_per_token * tokens_per_s / 1e12 / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": float(loss),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": float(loss.detach()),
         "torch": torch.__version__,
     }
     try:

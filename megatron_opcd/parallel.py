@@ -72,12 +72,13 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
 
     parallel = parallel or ParallelConfig()
     apply_cpu_patches()  # no-op with CUDA
+    device = local_gpu()  # before any collective: a rank without a GPU says so instead of hanging its peers
     if not dist.is_initialized():
         _init_process_group(parallel)
     world = dist.get_world_size()
     parallel.check_world_size(world)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device is not None:
+        torch.cuda.set_device(device)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -94,6 +95,19 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
         print(f"[megatron-opcd] {dist.get_world_size()} rank(s), backend {dist.get_backend()}, "
               f"TP={_GROUPS.tp_size} PP={_GROUPS.pp_size} DP={_GROUPS.dp_size}; {_implementations()}", flush=True)
     return _GROUPS
+
+
+def local_gpu() -> Optional[int]:
+    """This rank's GPU (`LOCAL_RANK`: one rank per GPU, as torchrun and srun start them), or None
+    without CUDA. A local rank past the host's GPUs is a ConfigError naming both numbers (NCCL
+    refuses two ranks on one GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= count:
+        raise ConfigError(f"local rank {local} has no GPU of its own: this host has {count} GPU(s), one rank "
+                          f"per GPU; start at most {count} rank(s) per node (e.g. --nproc-per-node {count})")
+    return local
 
 
 _ANNOUNCED = False

@@ -121,6 +121,21 @@ def test_process_group_backend(monkeypatch):
     assert process_group_backend(ParallelConfig(backend="gloo")) == "gloo"
 
 
+def test_one_rank_per_gpu(monkeypatch):
+    """A local rank past the host's GPUs stops with both numbers, before any collective."""
+    from megatron_opcd.parallel import local_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_gpu() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert local_gpu() == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"local rank 1 has no GPU of its own: this host has 1 GPU\(s\)"):
+        local_gpu()
+
+
 def test_ranks_spawn_on_cuda_hosts(monkeypatch):
     """A CUDA context does not survive a fork: on a CUDA host the ranks are spawned, on a CPU box
     they fork from a server that has torch and megatron-core imported."""

@@ -38,7 +38,7 @@
         student's initial weights as the frozen teacher), and its EOS is removed like GKD's;
       - `vs_trl` is ours as a user runs it (top-256, the headline above) against the faster of
         GKD and SDFT over all rounds: the issue names both as TRL's closest trainers, and the JSON
-        takes the comparison less favourable to us. Ours set up as SDFT is (`sdft_twin`) is
+        takes the comparison less favourable to us. Ours set up as SDFT (`sdft_twin`) is
         printed against SDFT as a cross-check of the same algorithm;
       - the same torch thread count for both (1 by default: on a busy 2-core box two threads
         oversubscribe and a run's timings swing by 10x either way); TRL runs in a spawned process

@@ -292,7 +292,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def announce_fallback() -> None:
-    """Say once per process (rank 0) that decoding runs on torch matmuls, and why."""
+    """Say once per process (rank 0) that the kernels cannot run, and why: decoding then runs on
+    torch matmuls and the loss's top-k on torch.topk."""
     ok, why = native_status()
     if ok or os.environ.get("OPCD_QUIET") == "1":
         return

@@ -135,14 +135,20 @@ def pack_segments(
     )
 
 
+def response_rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Sequence-first `[S, b, ...]` -> `[R, b, ...]`: row t of column i is `states[index[t, i], i]`
+    (`index` a `PackedBatch.response_index`; negative entries, a cached prefix's last position,
+    read position 0 and are the caller's to replace). Advanced indexing allocates only the result."""
+    idx = index.to(states.device).clamp(min=0)  # [R, b]
+    return states[idx, torch.arange(idx.shape[1], device=states.device)[None, :]]
+
+
 def gather_response(logits_bsv: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     """[b, S, v] logits -> [R, b, v] aligned to the response tokens (rows past a response's end
     hold junk and are masked by `packed.response_mask`).
 
     Where the output layer can run on the response positions alone, the models return this layout
-    directly (`stage.forward_stage(rows=...)`, `training.engine.response_outputs`); this is the
-    gather for the other cases (sequence parallelism, multi-token prediction)."""
-    b = logits_bsv.shape[0]
-    idx = packed.response_index.to(logits_bsv.device).clamp(min=0)  # [R, b]
-    # Advanced indexing allocates only the [R, b, v] result (a gather index would be as large).
-    return logits_bsv[torch.arange(b, device=idx.device)[None, :], idx].contiguous()  # [R, b, v]
+    directly (`stage.forward_stage(rows=...)`, `training.engine.response_outputs`: `response_rows`
+    of the hidden states); this is the gather for the other cases (sequence parallelism,
+    multi-token prediction)."""
+    return response_rows(logits_bsv.transpose(0, 1), packed.response_index).contiguous()  # [R, b, v]

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opcd.data.packing import response_rows
 from megatron_opcd.generation.cache import KVCache
 from megatron_opcd.generation.kernels import attach
 from megatron_opcd.parallel import ParallelGroups
@@ -137,7 +138,7 @@ def forward_stage(
     if last_only:
         out = out[-1:]
     elif rows is not None:  # gather h numbers a position, not V: [s, b, h] -> [R, b, h]
-        out = out[rows.clamp(min=0), torch.arange(b, device=out.device)[None, :]]
+        out = response_rows(out, rows)
     weight = module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights else None
     logits, _ = module.output_layer(out, weight=weight, runtime_gather_output=gather)  # [s or R, b, V or V/tp]
     return logits if rows is not None else logits.transpose(0, 1).contiguous()  # [R, b, V] or [b, s, V]

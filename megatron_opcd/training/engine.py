@@ -116,6 +116,7 @@ def response_outputs(model, index: torch.Tensor):
     megatron slices the hidden states before the output layer the same way for inference
     (`materialize_only_last_token_logits`)."""
     from megatron_opcd.checkpointing import unwrap
+    from megatron_opcd.data.packing import response_rows
 
     module = unwrap(model)
     layer = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
@@ -125,9 +126,7 @@ def response_outputs(model, index: torch.Tensor):
         return
 
     def gather(_layer, args):  # GPTModel hands the hidden states [S, b, h] over positionally
-        hidden = args[0]
-        idx = index.to(hidden.device).clamp(min=0)  # [R, b]
-        return (hidden[idx, torch.arange(idx.shape[1], device=hidden.device)[None, :]], *args[1:])  # [R, b, h]
+        return (response_rows(args[0], index), *args[1:])  # [R, b, h]
 
     def transposed(_layer, _args, output):  # (logits [R, b, v], bias)
         return (output[0].transpose(0, 1), *output[1:])

@@ -87,3 +87,30 @@ def response_logits_only(config_path: str, overrides: list[str]) -> dict:
     trainer.logger.close()
     parallel.destroy()
     return out
+
+
+def cluster_steps(config_path: str, cases: list[list[str]], steps: int = 2) -> list[dict]:
+    """Several whole-trainer runs in one launch (process start-up dominates on 2 cores): for each
+    case (a list of overrides) build the trainer, run `steps` train steps and an evaluation, and
+    return per step the logged loss and grad norm, plus the full weights (TP-gathered; from DP
+    rank 0 only, the other replicas must hold the same)."""
+    from _layouts import _full_weights
+    from megatron_opcd import parallel
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.trainer import Trainer
+
+    out = []
+    for overrides in cases:
+        cfg = load_train_config(config_path, overrides)
+        groups = parallel.initialize(cfg.parallel)  # resets megatron's state; torch.distributed stays up
+        trainer = Trainer(cfg, groups)
+        history = [trainer.train_step().metrics for _ in range(steps)]
+        ev = trainer.evaluate(steps)
+        weights = _full_weights(trainer.student, groups)
+        out.append({"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
+                    "eval_kl": ev["kl"], "weights": weights if groups.dp_rank == 0 else {},
+                    "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank,
+                    "last": groups.is_last_stage, "tied": trainer.model_config.tie_embeddings})
+        trainer.logger.close()
+    parallel.destroy()
+    return out

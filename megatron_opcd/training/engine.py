@@ -21,8 +21,16 @@ from megatron_opcd.parallel import ParallelGroups
 
 
 def wrap_ddp(model, groups: ParallelGroups, *, use_distributed_optimizer: bool = False):
-    """megatron-core DistributedDataParallel around one model stage."""
+    """megatron-core DistributedDataParallel around one model stage.
+
+    The loss contract (`calculate_per_token_loss=True`, see `configure_schedule`) is set on the
+    model's config here, before the DDP is built: megatron's DDP reads it once, in its
+    constructor, and without it pre-scales every gradient bucket by 1/DP, on top of
+    `finalize_model_grads`' division by the global token count (gradients, the logged grad norm
+    and SGD's step came out divided by DP; the clip threshold and Adam's eps weighed DP times more)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model.config.calculate_per_token_loss = True
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -43,6 +51,10 @@ def configure_schedule(model_chunks: list, groups: ParallelGroups) -> None:
     from megatron.core.distributed import finalize_model_grads
 
     config = model_chunks[0].config
+    if hasattr(model_chunks[0], "no_sync") and not config.calculate_per_token_loss:
+        # A DDP built for the other contract has pre-scaled its buckets by 1/DP already.
+        raise RuntimeError("configure_schedule: the DDP was built without calculate_per_token_loss; "
+                           "wrap the model with engine.wrap_ddp")
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=groups.pg_collection)
     if hasattr(model_chunks[0], "no_sync"):

@@ -14,21 +14,32 @@ import torch.distributed as dist
 
 
 def _eval_examples(trainer):
+    """This DP rank's share of the first `evaluation.num_prompts` held-out examples: the same set
+    at any DP size (a rank past the end gets none, e.g. 10 prompts at DP = 8)."""
     examples = trainer.eval_examples or trainer.stream.examples
-    n = trainer.cfg.evaluation.num_prompts
-    per_dp = max(1, -(-min(n, len(examples)) // trainer.groups.dp_size))
+    chosen = examples[:trainer.cfg.evaluation.num_prompts]
+    per_dp = -(-len(chosen) // trainer.groups.dp_size)
     start = trainer.groups.dp_rank * per_dp
-    return examples[start:start + per_dp]
+    return chosen[start:start + per_dp]
 
 
 @torch.no_grad()
 def eval_kl(trainer, examples, step: int) -> tuple[float, list[list[int]]]:
+    """(exact KL sum, token count) of this rank's examples, summed over the world; a DP replica
+    without examples adds zeros but still joins the all-reduce (returning early hung the others)."""
+    buf = torch.zeros(2, dtype=torch.float64)  # [KL sum, response tokens]: host floats, gloo reduces them
+    responses: list[list[int]] = []
+    if examples:
+        responses = _kl_sums(trainer, examples, step, buf)
+    dist.all_reduce(buf)
+    return float(buf[0] / buf[1]) if buf[1] > 0 else float("nan"), responses
+
+
+def _kl_sums(trainer, examples, step: int, buf: torch.Tensor) -> list[list[int]]:
     from megatron_opcd.data.render import common_prefix
     from megatron_opcd.generation import generate, score
     from megatron_opcd.losses import vocab_parallel_divergence
 
-    if not examples:
-        return float("nan"), []
     contexts = trainer.sampler.for_batch(examples, step)
     pairs = [trainer.renderer.pair(e.prompt, c) for e, c in zip(examples, contexts)]
     student_prompts = [p.student for p in pairs]
@@ -43,16 +54,14 @@ def eval_kl(trainer, examples, step: int) -> tuple[float, list[list[int]]]:
               prefix=prefix or None, vocab_size=trainer.model_config.vocab_size, pad_id=trainer.tokenizer.pad_id)
     s = score(trainer.student, student_prompts, responses, groups=trainer.groups,
               vocab_size=trainer.model_config.vocab_size, pad_id=trainer.tokenizer.pad_id)
-    buf = torch.zeros(2, dtype=torch.float64)
     if trainer.groups.is_last_stage:
         kl = vocab_parallel_divergence(s.logits, t.logits, kind="reverse_kl", topk=None,
                                        temperature=trainer.cfg.loss_temperature, tp_group=trainer.groups.tp_group,
                                        vocab_size=trainer.model_config.vocab_size)
         if trainer.groups.tp_rank == 0:
-            buf[0] = float((kl.double() * s.mask.double()).sum())  # host floats: gloo reduces them
+            buf[0] = float((kl.double() * s.mask.double()).sum())
             buf[1] = float(s.mask.double().sum())
-    dist.all_reduce(buf)
-    return float(buf[0] / buf[1]) if buf[1] > 0 else float("nan"), responses
+    return responses
 
 
 def evaluate(trainer, step: int) -> dict:

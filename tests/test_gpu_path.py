@@ -71,39 +71,60 @@ def _te_vs_local(_rank=0):
         parallel.destroy()
 
 
-def _loss(model, tokens, targets, pos, mask):
+def _loss(model, tokens, targets, pos, mask, vocab=ARCH["vocab_size"]):
     logits = model(tokens, pos, mask).float()  # [b, s, V]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[:, :ARCH["vocab_size"]], targets.flatten())
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[:, :vocab], targets.flatten())
 
 
 def _two_steps(fp8, recipe, _rank=0):
-    """Losses of two Adam steps from the same weights, in bf16 and in FP8."""
+    """Losses of Adam steps from the same weights, in bf16 and in FP8."""
+    return _train_variants({"bf16": {}, "fp8": {"fp8": fp8, "fp8_recipe": recipe}})
+
+
+def _train_variants(variants: dict, impl: str = "transformer_engine", arch: dict | None = None, _rank=0) -> dict:
+    """{label: losses of three Adam steps} for each label's model options, every model starting
+    from the same weights (a reference model's, copied parameter by parameter)."""
     from megatron_opcd import parallel
     from megatron_opcd.config import ParallelConfig
 
     parallel.initialize(ParallelConfig())
     try:
-        ref = _build(transformer_impl="transformer_engine")
+        arch = arch or {}
+        ref = _build(transformer_impl=impl, **arch)
         out = {}
-        for name, kw in (("bf16", {}), ("fp8", {"fp8": fp8, "fp8_recipe": recipe})):
-            model = _build(transformer_impl="transformer_engine", **kw)
+        for label, kw in variants.items():
+            model = _build(transformer_impl=impl, **arch, **kw)
             with torch.no_grad():  # the same weights; FP8 scaling state (TE's _extra_state) starts fresh
                 ref_params = dict(ref.named_parameters())
-                for name, p in model.named_parameters():
-                    p.copy_(ref_params[name])
+                for param_name, p in model.named_parameters():  # not `label`: the result is keyed by it
+                    p.copy_(ref_params[param_name])
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             losses = []
             for step in range(3):
-                tokens, targets, pos, mask = _batch(seed=step % 2)
-                loss = _loss(model, tokens, targets, pos, mask)
+                tokens, targets, pos, mask = _batch(s=arch.get("max_position_embeddings", 512) // 4,
+                                                    vocab=arch.get("vocab_size", ARCH["vocab_size"]), seed=step % 2)
+                loss = _loss(model, tokens, targets, pos, mask, vocab=arch.get("vocab_size", ARCH["vocab_size"]))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 losses.append(float(loss))
-            out[name] = losses
+            out[label] = losses
         return out
     finally:
         parallel.destroy()
+
+
+def test_variant_losses_are_keyed_by_variant(run_ranks):
+    """The FP8 test's helper on the CPU (local spec, a tiny fp32 model, two identical variants):
+    its result is keyed by the variant labels (a reused loop variable keyed it by the last
+    parameter's name, so the GPU test raised KeyError on r["bf16"]), and the same weights give
+    the same losses."""
+    tiny = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                vocab_size=256, make_vocab_size_divisible_by=64, max_position_embeddings=64, params_dtype="fp32")
+    r = run_ranks(_train_variants, 1, {"bf16": {}, "again": {}}, "local", tiny, timeout=300)[0]
+    assert sorted(r) == ["again", "bf16"]
+    assert len(r["bf16"]) == 3 and all(x == x and x > 1.0 for x in r["bf16"])
+    assert r["again"] == r["bf16"]
 
 
 @pytest.mark.gpu

@@ -54,7 +54,10 @@ def test_example_loads_and_matches_its_name(path):
     # The paper's hyperparameters.
     assert cfg.schedule.steps == 50 and cfg.schedule.global_batch_size == 128
     assert cfg.optimizer.lr in (1e-6, 5e-6)
-    assert cfg.loss.topk == 256 and cfg.loss.topk_from == "student" and cfg.loss_kind == "reverse_kl"
+    assert cfg.loss.topk == 256 and cfg.loss_topk_from == "student" and cfg.loss_kind == "reverse_kl"
+    # The off-policy baseline from the same file: forward KL on the teacher's samples, over the teacher's top-k.
+    off = load_train_config(str(path), ["algorithm.name=offpolicy_cd"])
+    assert off.loss_kind == "forward_kl" and off.loss_topk_from == "teacher"
     assert cfg.generation.temperature == 1.0 and cfg.loss_temperature == 1.0
     assert cfg.model.params_dtype == "bf16" and cfg.model.transformer_impl == "transformer_engine"
     # Cluster paths are placeholders that the sbatch scripts and recipes override.

@@ -22,12 +22,12 @@ BASE = "data:\n  train: x.jsonl\nmodel:\n  num_layers: 2\n"
 def test_defaults_follow_the_paper(tmp_path):
     cfg = load_train_config(_write(tmp_path, BASE))
     assert cfg.algorithm.name == "opcd" and cfg.loss_kind == "reverse_kl"
-    assert cfg.loss.topk == 256 and cfg.loss.topk_from == "student" and cfg.loss.average == "sequence"
+    assert cfg.loss.topk == 256 and cfg.loss_topk_from == "student" and cfg.loss.average == "sequence"
     assert cfg.loss_temperature == cfg.generation.temperature == 1.0
     assert cfg.teacher.mode == "self"
     off = load_train_config(_write(tmp_path, BASE + "algorithm:\n  name: offpolicy_cd\nteacher: self\n"),
                             ["generation.temperature=0.7"])
-    assert off.loss_kind == "forward_kl" and off.loss_temperature == 0.7
+    assert off.loss_kind == "forward_kl" and off.loss_temperature == 0.7 and off.loss_topk_from == "teacher"
 
 
 @pytest.mark.parametrize("text,overrides,needle", [
@@ -67,3 +67,36 @@ def test_model_section_must_match_the_checkpoint():
                                          ("node1,node2", "node1"), ("n[3]", "n3"), ("a1,b[2-3]", "a1")])
 def test_first_host_of_slurm_nodelist(nodes, first):
     assert first_host(nodes) == first
+
+
+def test_offpolicy_cd_sums_over_the_teachers_topk(tmp_path):
+    """The baseline's objective, from a config that names only the algorithm, sums its forward KL
+    over the teacher's top-k (checked on its values against a float64 reference over each
+    support: the student's and the teacher's top-k sets differ on these logits)."""
+    import torch
+
+    from test_losses import reference
+    from megatron_opcd.training.objectives import build_objective
+
+    cfg = load_train_config(_write(tmp_path, BASE + "algorithm:\n  name: offpolicy_cd\n"), ["loss.topk=4"])
+    objective = build_objective(cfg, vocab_size=32, tp_group=None)
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(5, 2, 32, generator=g) * 3, torch.randn(5, 2, 32, generator=g) * 3  # [R, b, V]
+    got = objective.loss.per_token(zs, zt).double()
+    want = reference(zs, zt, kind="forward_kl", topk=4, topk_from="teacher")
+    wrong = reference(zs, zt, kind="forward_kl", topk=4, topk_from="student")
+    assert (want - wrong).abs().max() > 1e-2  # the two supports give different sums here
+    # float32 divergence of O(1) terms against float64: relative 1e-5 bounds the rounding.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_fp16_training_is_refused_naming_bf16(tmp_path):
+    """No loss scaling is wired (megatron's grad_scale_func): fp16 training is refused, one line."""
+    with pytest.raises(ConfigError, match="bf16") as err:
+        load_train_config(_write(tmp_path, BASE), ["model.params_dtype=fp16"])
+    assert "\n" not in str(err.value)
+    from megatron_opcd.training.optimizer import build_optimizer  # a student read from a checkpoint
+
+    cfg = load_train_config(_write(tmp_path, BASE))
+    with pytest.raises(ConfigError, match="bf16"):
+        build_optimizer(cfg.optimizer, cfg.schedule, ModelConfig(num_layers=2, params_dtype="fp16"), None, None)

@@ -145,8 +145,10 @@ class LossConfig:
     topk: Optional[int] = 256
     """Tokens per position the divergence sums over; null = exact over the whole vocabulary."""
 
-    topk_from: Literal["student", "teacher", "union"] = "student"
-    """Whose top-k forms the index set (OPCD: the student's; union: the paper's merge option)."""
+    topk_from: Optional[Literal["student", "teacher", "union"]] = None
+    """Whose top-k forms the index set; null picks the algorithm's: the student's for opcd (reverse
+    KL on the student's samples), the teacher's for offpolicy_cd (forward KL on the teacher's
+    samples belongs on the teacher's support). union: the paper's merge option."""
 
     renormalize: bool = False
     """Renormalise both distributions over the top-k (a paper option)."""
@@ -298,6 +300,15 @@ class NumericsConfig:
     """Stop after this many skipped steps in a row."""
 
 
+def check_trainable_dtype(model: ModelConfig) -> None:
+    """The student trains in fp32 or bf16. fp16 would need megatron's dynamic loss scaling wired
+    into the schedule (`config.grad_scale_func`): without it the optimizer unscales a loss that
+    was never scaled, so fp16 is refused rather than trained wrongly (bf16 has fp32's range and
+    needs no scaling). A teacher or generation in fp16 is fine: nothing is trained there."""
+    if model.params_dtype == "fp16":
+        raise ConfigError("model.params_dtype=fp16 cannot be trained (no loss scaling); use bf16 (or fp32)")
+
+
 SECTION_TYPES = {
     "model": ModelConfig,
     "teacher": TeacherConfig,
@@ -345,6 +356,8 @@ class TrainConfig:
         for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
             if model is not None:
                 model.check_parallel(self.parallel, role=role)
+        if self.model is not None:
+            check_trainable_dtype(self.model)
         if self.algorithm.name in ("offpolicy_cd", "seqkd") and self.teacher.mode == "self":
             # Allowed (the paper's self-teacher baselines), but the teacher then changes as the student learns.
             pass
@@ -354,6 +367,12 @@ class TrainConfig:
         if self.loss.kind is not None:
             return self.loss.kind
         return "forward_kl" if self.algorithm.name == "offpolicy_cd" else "reverse_kl"
+
+    @property
+    def loss_topk_from(self) -> str:
+        if self.loss.topk_from is not None:
+            return self.loss.topk_from
+        return "teacher" if self.algorithm.name == "offpolicy_cd" else "student"
 
     @property
     def loss_temperature(self) -> float:

@@ -95,7 +95,7 @@ def build_objective(cfg, *, vocab_size: int, tp_group) -> Objective:
     loss = DivergenceLoss(
         kind=cfg.loss_kind,
         topk=cfg.loss.topk,
-        topk_from=cfg.loss.topk_from,
+        topk_from=cfg.loss_topk_from,
         renormalize=cfg.loss.renormalize,
         temperature=cfg.loss_temperature,
         beta=cfg.loss.beta,

@@ -8,11 +8,13 @@ uses apex/TE fused Adam when present, torch's Adam otherwise (the CPU case).
 from __future__ import annotations
 
 from megatron_opcd.parallel import ParallelGroups
+from megatron_opcd.training.config import check_trainable_dtype
 
 
 def build_optimizer(opt_cfg, schedule_cfg, model_config, ddp_model, groups: ParallelGroups, *,
                     use_distributed_optimizer: bool = False):
     """(optimizer, scheduler) for one DDP-wrapped student stage."""
+    check_trainable_dtype(model_config)  # a model read from a checkpoint is checked here
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

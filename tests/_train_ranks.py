@@ -77,7 +77,7 @@ def response_logits_only(config_path: str, overrides: list[str]) -> dict:
     R, b = p.response_index.shape
     aligned = torch.stack([torch.stack([full[i, max(int(p.response_index[t, i]), 0)] for i in range(b)])
                            for t in range(R)])  # [R, b, V], one position at a time
-    ref_loss, _, _ = trainer.objective(aligned, micro)
+    ref_loss, _, _ = trainer.objective(aligned, micro.scored())
     ref_loss.backward()
     reference = grads()
     hook.remove()
@@ -114,3 +114,46 @@ def cluster_steps(config_path: str, cases: list[list[str]], steps: int = 2) -> l
         trainer.logger.close()
     parallel.destroy()
     return out
+
+
+def teacher_accounting(config_path: str, overrides: list[str], steps: int = 2) -> dict:
+    """Whole train steps with the teacher's prefills counted and the live bytes of its logits
+    tracked (every tensor `generation.score` hands back, until it is freed)."""
+    import weakref
+
+    import megatron_opcd.generation as generation
+    from megatron_opcd import parallel
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.trainer import Trainer
+
+    seen = {"prefills": 0, "live": 0, "peak": 0, "largest": 0, "scored": 0}
+    prefill, score = generation.prefill_prefix, generation.score
+
+    def counted_prefill(*args, **kwargs):
+        seen["prefills"] += 1
+        return prefill(*args, **kwargs)
+
+    def release(n):
+        seen["live"] -= n
+
+    def tracked_score(*args, **kwargs):
+        out = score(*args, **kwargs)
+        if out.logits is not None:
+            n = out.logits.untyped_storage().nbytes()
+            seen["scored"] += 1
+            seen["live"] += n
+            seen["peak"], seen["largest"] = max(seen["peak"], seen["live"]), max(seen["largest"], n)
+            weakref.finalize(out.logits, release, n)
+        return out
+
+    generation.prefill_prefix, generation.score = counted_prefill, tracked_score
+    cfg = load_train_config(config_path, overrides)
+    groups = parallel.initialize(cfg.parallel)
+    try:
+        trainer = Trainer(cfg, groups)
+        losses = [trainer.train_step().metrics["loss"] for _ in range(steps)]
+        trainer.logger.close()
+        return {**seen, "losses": losses, "num_micro": trainer.num_micro}
+    finally:
+        generation.prefill_prefix, generation.score = prefill, score
+        parallel.destroy()

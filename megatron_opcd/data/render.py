@@ -62,6 +62,19 @@ class PromptRenderer:
             messages = [{"role": "user", "content": context + self.separator + prompt}]
         return self._ids(messages, context + self.separator + prompt)
 
+    PROBES = ("0", "1")
+    """Two prompts that differ in their first character (see `context_prefix`)."""
+
+    def context_prefix(self, context: Optional[str]) -> list[int]:
+        """The rendered context: the teacher input's tokens up to the end of the context (the
+        chat template's opening, the context, the template between it and the prompt), the same
+        for every prompt rendered with this context. Known before any batch: it is the common
+        prefix of two renderings whose prompts differ in their first character. A caller reusing
+        it checks each row starts with it (a tokenizer may merge across the boundary)."""
+        if context is None:
+            return []
+        return common_prefix([self.teacher(p, context) for p in self.PROBES])
+
     def pair(self, prompt: str, context: Optional[str]) -> Optional[RenderedPair]:
         """Both inputs, within the length budget; None when the example must be skipped."""
         student = self.student(prompt)
@@ -107,3 +120,13 @@ def common_prefix(rows: list[list[int]]) -> list[int]:
     while k < n and all(r[k] == first[k] for r in rows):
         k += 1
     return list(first[:k])
+
+
+def shared_prefix(prefix: list[int], rows: list[list[int]]) -> list[int]:
+    """The longest start of `prefix` that every row begins with, leaving at least one token in
+    every row (a known prefix, e.g. the rendered context, checked against the actual rows)."""
+    n = min([len(prefix)] + [len(r) - 1 for r in rows])
+    k = 0
+    while k < n and all(r[k] == prefix[k] for r in rows):
+        k += 1
+    return list(prefix[:k])

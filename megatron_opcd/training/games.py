@@ -7,10 +7,12 @@ objective, optimizer), checkpoints, resume, signals and logging are the Trainer'
                    prompts: shuffled per epoch, position checkpointed) + their contexts
     rollout        the student plays the levels without the context (episodes.play_episodes);
                    baselines (offpolicy_cd, seqkd): the teacher plays with the context
-    score_teacher  the teacher's logits on the same transcripts with the context in the first turn,
-                   aligned to every reply token of every turn (score(segments=...), shared prefix)
-    _micro_batches the student's transcripts packed with pack_segments: the loss covers exactly
+    score_micro_batch  the teacher's logits on the same transcripts with the context in the first
+                   turn, aligned to every reply token of every turn (score(segments=...), shared
+                   prefix); the Trainer's score_teacher runs it per micro-batch
+    GameRollout.pack   the student's transcripts packed with pack_segments: the loss covers exactly
                    the tokens the player generated; template and environment tokens are masked
+                   (the Trainer's one micro-batch path calls it and moves the batch to the device)
     evaluate       success rate on fixed levels, without the context (student) and with it (teacher)
 
 generation.max_new_tokens is the limit per turn; game.max_rounds the number of turns. The loss
@@ -31,7 +33,6 @@ from megatron_opcd.data.packing import pack_segments
 from megatron_opcd.data.prompts import DataError, Example
 from megatron_opcd.data.render import common_prefix
 from megatron_opcd.training.episodes import Episode, GameSetup, drop_prefix, flatten, play_episodes
-from megatron_opcd.training.objectives import MicroBatch
 from megatron_opcd.training.trainer import Trainer
 
 
@@ -51,6 +52,11 @@ class GameRollout:
     """Per episode, every reply token of every turn (what the Trainer's metrics count)."""
     seconds: float
     new_tokens: int
+
+    def pack(self, rows: slice, *, pad_id: int, pad_to_multiple: int = 1):
+        """The student's transcripts of one micro-batch, on the host (the Trainer moves them)."""
+        return pack_segments([e.segments for e in self.episodes[rows]], pad_id=pad_id,
+                             pad_to_multiple=pad_to_multiple)
 
 
 class GameTrainer(Trainer):
@@ -96,32 +102,19 @@ class GameTrainer(Trainer):
         responses = [e.response_tokens for e in episodes]
         return GameRollout(batch, episodes, responses, time.perf_counter() - t0, sum(map(len, responses)))
 
-    def score_teacher(self, rollout: GameRollout) -> list[Optional[torch.Tensor]]:
-        """(b) the teacher's logits on its view of each transcript (the context in the first turn),
-        aligned to the reply tokens; the micro-batch's common prefix is prefilled once."""
+    def score_micro_batch(self, rollout: GameRollout, rows: slice) -> Optional[torch.Tensor]:
+        """(b) the teacher's logits on its view of each transcript of one micro-batch (the context
+        in the first turn), aligned to the reply tokens; the common prefix is prefilled once."""
         from megatron_opcd.generation import score
 
-        if not self.objective.needs_teacher_logits:
-            return [None] * self.num_micro
-        out = []
-        for sl in self._micro_slices(len(rollout.episodes)):
-            rows = [e.context_segments for e in rollout.episodes[sl]]
-            # The shared prefix stops at the first reply: a cached prefix holds no trained token.
-            n = min(len(common_prefix([flatten(r) for r in rows])), *(len(r[0][0]) for r in rows))
-            prefix = flatten(rows[0])[:n]
-            res = score(self.teacher_model, None, None, segments=[drop_prefix(r, n) for r in rows],
-                        groups=self.groups, prefix=prefix or None, vocab_size=self.model_config.vocab_size,
-                        pad_id=self.tokenizer.pad_id)
-            out.append(res.logits)
-        return out
-
-    def _micro_batches(self, rollout: GameRollout, teacher_logits) -> list[MicroBatch]:
-        multiple = self.groups.tp_size if self.groups.sequence_parallel else 1
-        return [
-            MicroBatch(pack_segments([e.segments for e in rollout.episodes[sl]], pad_id=self.tokenizer.pad_id,
-                                     pad_to_multiple=multiple), t)
-            for sl, t in zip(self._micro_slices(len(rollout.episodes)), teacher_logits)
-        ]
+        turns = [e.context_segments for e in rollout.episodes[rows]]
+        # The shared prefix stops at the first reply: a cached prefix holds no trained token.
+        n = min(len(common_prefix([flatten(r) for r in turns])), *(len(r[0][0]) for r in turns))
+        prefix = flatten(turns[0])[:n]
+        res = score(self.teacher_model, None, None, segments=[drop_prefix(r, n) for r in turns],
+                    groups=self.groups, prefix=prefix or None, vocab_size=self.model_config.vocab_size,
+                    pad_id=self.tokenizer.pad_id)
+        return res.logits
 
     def train_step(self):
         result = super().train_step()

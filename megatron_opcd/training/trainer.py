@@ -4,14 +4,21 @@ One step, as named phases (each a method you can call alone):
 
     batch    = trainer.select_batch(step)           prompts of this DP rank + their contexts
     rollout  = trainer.rollout(batch, step)          (a) student samples (opcd) / teacher samples (baselines)
-    teacher  = trainer.score_teacher(rollout)        (b) teacher logits with the context, shared-prefix KV reuse
+    teacher  = trainer.score_teacher(rollout)        (b) teacher logits with the context, one scoring per
+                                                      micro-batch, the rendered context prefilled once
     result   = trainer.update(rollout, teacher)      (c)+(d) student forward/backward through megatron's
                                                       schedule, the injected objective, clip, optimizer step
     trainer.log(step, result)                        (e) loss, KL, lengths, tokens/s, seconds per phase
 
+Teacher logits live for one micro-batch at PP = 1: `score_teacher` hands back one deferred scoring
+per micro-batch, run inside the schedule's forward step, so only the current micro-batch's
+`[R, b, V/tp]` teacher logits exist (and the loss's saved tensors until its backward). At PP > 1
+the teacher's own pipeline cannot run inside the student's 1F1B schedule (its p2p sends would
+interleave with the schedule's), so the step's teacher logits are computed before the update and
+held, on the last pipeline stage only.
+
 What this file leaves out, said plainly: no virtual pipeline stages; rollouts and the update are
-sequential (no asynchronous generation); the teacher's aligned logits for a step are held in
-memory (per micro-batch, last pipeline stage only) between phases (b) and (c).
+sequential (no asynchronous generation).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,7 +38,7 @@ from megatron_opcd.checkpointing import CheckpointError, load_model_weights, rea
 from megatron_opcd.config import ConfigError, ModelConfig
 from megatron_opcd.data.packing import gather_response, pack
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream, load_contexts, load_examples
-from megatron_opcd.data.render import PromptRenderer, common_prefix
+from megatron_opcd.data.render import PromptRenderer, common_prefix, shared_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups
@@ -89,6 +96,27 @@ class Rollout:
     seconds: float
     new_tokens: int
 
+    def pack(self, rows: slice, *, pad_id: int, pad_to_multiple: int = 1):
+        """The student's [prompt; response] rows of one micro-batch, on the host."""
+        return pack(self.batch.student_prompts[rows], self.responses[rows], pad_id=pad_id,
+                    pad_to_multiple=pad_to_multiple)
+
+
+TeacherLogits = Callable[[], Optional[torch.Tensor]]
+"""One micro-batch's teacher logits `[R, b, v/tp]` when called (None off the last stage and for SFT)."""
+
+
+@dataclass
+class PendingMicroBatch:
+    """A micro-batch before its forward step: the student's rows on the model's device, and its
+    teacher scoring, run in that forward step (so one micro-batch's teacher logits exist at a time)."""
+
+    packed: object
+    teacher: TeacherLogits
+
+    def scored(self) -> MicroBatch:
+        return MicroBatch(self.packed, self.teacher())
+
 
 @dataclass
 class StepResult:
@@ -104,6 +132,8 @@ class Trainer:
         self.cfg = cfg
         self.groups = groups
         self._prefix_caches: dict = {}
+        self._context_prefixes: dict = {}
+        self._teacher_seconds = 0.0
         self.rank = dist.get_rank()
         self.step = 0
         self.consecutive_skips = 0
@@ -259,6 +289,19 @@ class Trainer:
             self._prefix_caches[key] = cache
         return cache
 
+    def teacher_prefix_for(self, prompts: list[list[int]], contexts: list[Optional[str]]) -> list[int]:
+        """The prefix of these teacher rows that is prefilled once and reused: the rendered context
+        (the template's tokens up to the end of the context, known before any batch), so a fixed
+        context is prefilled once per run for a frozen teacher whatever the micro-batch size (the
+        rows' common prefix is a whole prompt at micro-batch size 1, a new cache entry each time).
+        Rows with different contexts share only their common prefix."""
+        if len(set(contexts)) == 1 and contexts[0] is not None:
+            ctx = contexts[0]
+            if ctx not in self._context_prefixes:
+                self._context_prefixes[ctx] = self.renderer.context_prefix(ctx)
+            return shared_prefix(self._context_prefixes[ctx], prompts)
+        return common_prefix(prompts)
+
     @property
     def teacher_model(self):
         return self.teacher if self.teacher is not None else self.student
@@ -303,7 +346,7 @@ class Trainer:
             out = generate(self.student, batch.student_prompts, self._sampling(step), groups=self.groups,
                            vocab_size=self.model_config.vocab_size, decode=self.tokenizer.decode)
         else:
-            prefix = common_prefix(batch.teacher_prompts)
+            prefix = self.teacher_prefix_for(batch.teacher_prompts, batch.contexts)
             out = generate(self.teacher_model, [p[len(prefix):] for p in batch.teacher_prompts], self._sampling(step),
                            groups=self.groups, vocab_size=self.model_config.vocab_size,
                            prefix=self.teacher_prefix(prefix), decode=self.tokenizer.decode)
@@ -314,34 +357,51 @@ class Trainer:
         m = n // self.num_micro
         return [slice(i * m, (i + 1) * m) for i in range(self.num_micro)]
 
-    def score_teacher(self, rollout: Rollout) -> list[Optional[torch.Tensor]]:
+    def score_teacher(self, rollout) -> list[TeacherLogits]:
         """(b) the teacher's logits on [context; prompt; response], aligned to the responses, one
-        tensor per micro-batch (last pipeline stage; None elsewhere and for SFT)."""
+        entry per micro-batch. At PP = 1 each entry scores its micro-batch when called, inside the
+        schedule's forward step (one micro-batch's logits at a time); at PP > 1 the teacher's
+        pipeline runs here, before the update, and the entries hand back the held logits."""
+        slices = self._micro_slices(len(rollout.responses))
+        if not self.objective.needs_teacher_logits:
+            return [lambda: None for _ in slices]
+        if self.groups.pp_size == 1:
+            return [lambda sl=sl: self._timed_score(rollout, sl) for sl in slices]
+        held = [self._timed_score(rollout, sl) for sl in slices]
+        return [lambda t=t: t for t in held]
+
+    def _timed_score(self, rollout, rows: slice) -> Optional[torch.Tensor]:
+        t = time.perf_counter()
+        try:
+            return self.score_micro_batch(rollout, rows)
+        finally:
+            self._teacher_seconds += time.perf_counter() - t
+
+    def score_micro_batch(self, rollout: Rollout, rows: slice) -> Optional[torch.Tensor]:
+        """The teacher's aligned logits `[R, b, v/tp]` of one micro-batch (last stage; else None)."""
         from megatron_opcd.generation import score
 
-        if not self.objective.needs_teacher_logits:
-            return [None] * self.num_micro
-        out = []
-        for sl in self._micro_slices(len(rollout.responses)):
-            prompts = rollout.batch.teacher_prompts[sl]
-            prefix = common_prefix(prompts)
-            res = score(self.teacher_model, [p[len(prefix):] for p in prompts], rollout.responses[sl],
-                        groups=self.groups, prefix=self.teacher_prefix(prefix),
-                        vocab_size=self.model_config.vocab_size, pad_id=self.tokenizer.pad_id)
-            out.append(res.logits)
-        return out
+        prompts = rollout.batch.teacher_prompts[rows]
+        prefix = self.teacher_prefix_for(prompts, rollout.batch.contexts[rows])
+        res = score(self.teacher_model, [p[len(prefix):] for p in prompts], rollout.responses[rows],
+                    groups=self.groups, prefix=self.teacher_prefix(prefix),
+                    vocab_size=self.model_config.vocab_size, pad_id=self.tokenizer.pad_id)
+        return res.logits
 
-    def _micro_batches(self, rollout: Rollout, teacher_logits) -> list[MicroBatch]:
+    def _micro_batches(self, rollout, teacher_logits: list[TeacherLogits]) -> list[PendingMicroBatch]:
+        """The one micro-batch path of every trainer: the rollout packs each micro-batch's rows on
+        the host (`rollout.pack`), and this is the one place they move to the model's device."""
         multiple = self.groups.tp_size if self.groups.sequence_parallel else 1
-        device = next(self.student.parameters()).device  # packed on the host, used where the model is
+        device = next(self.student.parameters()).device
         return [
-            MicroBatch(pack(rollout.batch.student_prompts[sl], rollout.responses[sl], pad_id=self.tokenizer.pad_id,
-                            pad_to_multiple=multiple).to(device), t)
+            PendingMicroBatch(rollout.pack(sl, pad_id=self.tokenizer.pad_id, pad_to_multiple=multiple).to(device), t)
             for sl, t in zip(self._micro_slices(len(rollout.responses)), teacher_logits)
         ]
 
     def _forward_step(self, data_iterator, model):
-        micro: MicroBatch = next(data_iterator)
+        # A new MicroBatch per forward step, not kept in the iterated list: its teacher logits are
+        # freed once the loss's backward has run.
+        micro: MicroBatch = next(data_iterator).scored()
         p = micro.packed
         with response_outputs(model, p.response_index) as aligned:  # logits of response positions only
             output = model(p.tokens, p.position_ids, p.attention_mask)  # last stage: [R, b, v/tp] (else [b, S, v/tp])
@@ -428,12 +488,13 @@ class Trainer:
         times["select"] = time.perf_counter() - t
         rollout = self.rollout(batch, step)
         times["rollout"] = rollout.seconds
+        self._teacher_seconds = 0.0
         t = time.perf_counter()
         teacher_logits = self.score_teacher(rollout)
-        times["teacher"] = time.perf_counter() - t
-        t = time.perf_counter()
         result = self.update(rollout, teacher_logits)
-        times["update"] = time.perf_counter() - t
+        # At PP = 1 the teacher scores inside the update's forward steps: its time is counted apart.
+        times["teacher"] = self._teacher_seconds
+        times["update"] = time.perf_counter() - t - self._teacher_seconds
         self.step = step
         total = sum(times.values())
         lengths = torch.tensor([float(len(r)) for r in rollout.responses] or [0.0], dtype=torch.float64)

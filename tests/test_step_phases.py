@@ -1,0 +1,57 @@
+"""The step's phases at a cluster's settings (issue 17): one micro-batch path for prompts and
+games, teacher logits for one micro-batch at a time, the rendered context prefilled once a run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from _train_fixtures import make_run
+from _train_ranks import teacher_accounting
+
+
+def _fake_trainer(device: str):
+    """What the micro-batch path reads of a trainer, with the student's weights on `device`."""
+    return SimpleNamespace(groups=SimpleNamespace(tp_size=1, sequence_parallel=False), tokenizer=SimpleNamespace(pad_id=0),
+                           student=torch.nn.Linear(2, 2, device=device), _micro_slices=lambda n: [slice(0, 1), slice(1, 2)])
+
+
+def test_game_and_prompt_rollouts_take_one_micro_batch_path():
+    """A game's transcripts and a prompt run's rows go through `Trainer._micro_batches`, the one
+    place a packed batch moves to the model's device: with the student on another device ("meta"
+    here, on a CPU-only box) every packed tensor is there (the game trainer's own copy left them
+    on the host, so a game run crashed on a GPU)."""
+    from megatron_opcd.training.games import GameRollout, GameTrainer
+    from megatron_opcd.training.trainer import Batch, Rollout, Trainer
+
+    assert GameTrainer._micro_batches is Trainer._micro_batches
+    episodes = [SimpleNamespace(segments=[([5, 6, 7], False), ([8, 9], True), ([10], False), ([11], True)]),
+                SimpleNamespace(segments=[([5, 6], False), ([12], True)])]
+    game = GameRollout(batch=None, episodes=episodes, responses=[[8, 9, 11], [12]], seconds=0.0, new_tokens=4)
+    prompts = Rollout(Batch([], [], [[5, 6, 7], [5, 6]], []), responses=[[8, 9], [12]], logprobs=[], seconds=0.0,
+                      new_tokens=3)
+    for rollout in (game, prompts):
+        teacher = [lambda: None, lambda: None]
+        micro = GameTrainer._micro_batches(_fake_trainer("meta"), rollout, teacher)
+        assert len(micro) == 2
+        for m in micro:
+            for name in ("tokens", "position_ids", "attention_mask", "response_index", "response_mask"):
+                assert getattr(m.packed, name).device.type == "meta", name
+    # On the host the same path packs what pack_segments packs: the game's trained tokens only.
+    host = GameTrainer._micro_batches(_fake_trainer("cpu"), game, [lambda: None, lambda: None])
+    assert host[0].packed.response_tokens[:, 0].tolist() == [8, 9, 11]
+
+
+def test_teacher_logits_live_one_micro_batch_and_context_prefilled_once(run_ranks, tmp_path):
+    """micro_batch_size 1, 4 micro-batches, one fixed context, a frozen teacher, two steps: the
+    teacher's context is prefilled exactly once in the run (it was prefilled for every
+    micro-batch: a one-row micro-batch's common prefix is its whole prompt), and at no time are
+    more than one micro-batch's teacher logits alive (they were held for the whole step)."""
+    cfg = str(make_run(tmp_path, steps=2, extra={"checkpoint.save": None, "logging.dir": str(tmp_path / "logs"),
+                                                 "schedule.micro_batch_size": 1}))
+    got = run_ranks(teacher_accounting, 1, cfg, [], timeout=300)[0]
+    assert got["num_micro"] == 4 and got["scored"] == 8
+    assert got["prefills"] == 1, got
+    assert got["peak"] == got["largest"] > 0, got
+    assert all(x == x for x in got["losses"])

@@ -92,8 +92,9 @@ def response_logits_only(config_path: str, overrides: list[str]) -> dict:
 def cluster_steps(config_path: str, cases: list[list[str]], steps: int = 2) -> list[dict]:
     """Several whole-trainer runs in one launch (process start-up dominates on 2 cores): for each
     case (a list of overrides) build the trainer, run `steps` train steps and an evaluation, and
-    return per step the logged loss and grad norm, plus the full weights (TP-gathered; from DP
-    rank 0 only, the other replicas must hold the same)."""
+    return per step the logged loss and grad norm, the eval KL, the shape and bytes of every
+    training forward's output-layer logits, and the full weights (TP-gathered; from DP rank 0
+    only, the other replicas must hold the same)."""
     from _layouts import _full_weights
     from megatron_opcd import parallel
     from megatron_opcd.training.config import load_train_config
@@ -104,11 +105,17 @@ def cluster_steps(config_path: str, cases: list[list[str]], steps: int = 2) -> l
         cfg = load_train_config(config_path, overrides)
         groups = parallel.initialize(cfg.parallel)  # resets megatron's state; torch.distributed stays up
         trainer = Trainer(cfg, groups)
+        logits = []  # (shape, bytes) of every training forward's output-layer logits (last stage)
+        layer = trainer.student.output_layer if groups.is_last_stage else None
+        hook = layer and layer.register_forward_hook(
+            lambda m, _a, o: logits.append((tuple(o[0].shape), o[0].nbytes)) if m.training else None)
         history = [trainer.train_step().metrics for _ in range(steps)]
+        if hook:
+            hook.remove()
         ev = trainer.evaluate(steps)
         weights = _full_weights(trainer.student, groups)
         out.append({"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
-                    "eval_kl": ev["kl"], "weights": weights if groups.dp_rank == 0 else {},
+                    "eval_kl": ev["kl"], "logits": logits, "weights": weights if groups.dp_rank == 0 else {},
                     "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank,
                     "last": groups.is_last_stage, "tied": trainer.model_config.tie_embeddings})
         trainer.logger.close()

@@ -13,6 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sys
+from pathlib import Path
+
 from _train_fixtures import make_run
 from _train_ranks import cluster_steps
 
@@ -30,7 +33,7 @@ FOUR_NAMES = "tp2sp_dp2", "tp2sp_dp2_sgd", "pp2_dp2", "pp2_dp2_sgd"
 def _merge(ranks: list[dict]) -> dict:
     """One view of a multi-rank case: metrics from rank 0 (every rank logs the same), weights
     from DP rank 0's tensor-parallel rank 0 of every pipeline stage."""
-    merged = {k: ranks[0][k] for k in ("loss", "grad_norm", "eval_kl")}
+    merged = {k: ranks[0][k] for k in ("loss", "grad_norm", "eval_kl", "logits")}
     merged["weights"] = {}
     for r in ranks:
         if r["tp_rank"] or r["dp_rank"]:
@@ -53,7 +56,7 @@ def runs(run_ranks, tmp_path_factory):
         "generation.greedy": True, "optimizer.clip_grad": 100.0, "checkpoint.save": None, "data.eval": str(one),
         "logging.dir": str(root / "logs"), "evaluation.num_prompts": 4, "evaluation.max_new_tokens": 4}))
     ref = run_ranks(cluster_steps, 1, cfg, [ADAM, SGD], timeout=300)[0]
-    out = {"ref": _merge([ref[0]]), "ref_sgd": _merge([ref[1]])}
+    out = {"ref": _merge([ref[0]]), "ref_sgd": _merge([ref[1]]), "config": cfg}
     per_rank = run_ranks(cluster_steps, 2, cfg, list(DP2), timeout=400)
     out.update({n: _merge([r[i] for r in per_rank]) for i, n in enumerate(DP2_NAMES)})
     per_rank = run_ranks(cluster_steps, 4, cfg, list(FOUR), timeout=600)
@@ -74,3 +77,20 @@ def test_cluster_topology_equals_one_process(runs, name):
     for n, w in ref["weights"].items():
         rows = slice(0, VOCAB) if ("word_embeddings" in n or "output_layer" in n) else slice(None)
         torch.testing.assert_close(got["weights"][n][rows], w[rows], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_sequence_parallel_logits_are_response_only_and_estimated(runs):
+    """Under TP + SP the student's output layer computes the response rows only (it computed all
+    [S, b, V/tp] and the step copied them twice: SP turned the response-only path off), and
+    tools/estimate_memory.py's logits term is that tensor's size within 10%."""
+    from megatron_opcd.training.config import load_train_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import estimate_memory
+
+    cfg = load_train_config(runs["config"], FOUR[0])
+    largest_shape, largest = max(runs["tp2sp_dp2"]["logits"], key=lambda x: x[1])
+    assert largest_shape[0] <= cfg.generation.max_new_tokens  # [R, b, V/tp], R = the longest response
+    assert largest_shape[2] == 256 // 2  # the padded vocabulary's TP shard
+    est = estimate_memory.estimate(cfg, 4)["bytes"]["logits (student + teacher)"] / 2  # the student's share
+    assert abs(largest - est) <= 0.1 * est, (largest, est)

@@ -156,11 +156,11 @@ def test_estimate_memory_matches_hand_computed_numbers(tmp_path):
     assert b["rollout KV cache"] == 128 * 4 * (16 + 8)  # 8 prompts / DP 2 = 4 rows; prompt + response
     assert b["teacher KV cache (scoring)"] == 128 * 2 * (8 + 16 + 8)  # one micro-batch with the context
     assert b["logits (student + teacher)"] == 2 * (2 * 8 * 64 * 4)  # micro x response x V/tp x fp32, twice
-    assert b["held teacher logits (step)"] == 4 * 8 * 64 * 2  # all 4 rows of the step, bf16
+    assert b["held teacher logits (step)"] == 0  # PP = 1: scored per micro-batch in the forward step
     assert b["rollout prefill logits"] == 4 * 16 * 64 * 2
     assert b["activations (rough)"] == (10 + 24 // 2) * (16 + 8) * 2 * 64 * 2  # no SP; 2 layers, 1 in flight
     static = 41280 * (2 + 4 + 6)
-    assert r["phases"]["update"] == static + 4096 + 8192 + 135168
+    assert r["phases"]["update"] == static + 8192 + 135168
     assert r["peak_bytes"] == max(r["phases"].values())
 
 
@@ -170,6 +170,8 @@ def test_estimate_memory_pp_puts_the_output_layer_on_the_last_stage(tmp_path):
     r = estimate_memory.estimate(load_train_config(str(path)), 2)
     layer = (8192 + 4096 + 24576) + 128
     assert r["student_params_per_gpu"] == layer + 128 * 64 + 64  # last stage: 1 layer, tied copy, final norm
+    # PP > 1: the step's teacher logits are held on the last stage (8 rows / DP 1, response 8, V 128, bf16).
+    assert r["bytes"]["held teacher logits (step)"] == 8 * 8 * 128 * 2
 
 
 def test_estimate_memory_cli_reads_world_size_from_the_file_name():

@@ -21,9 +21,12 @@ What is counted, per GPU (GiB = 2**30 bytes):
                      (opcd: the student samples without the context; the baselines: the teacher with it)
   teacher KV cache   the same for one micro-batch of [context; prompt; response] rows (scoring)
   logits             micro-batch x response tokens x padded vocab/TP x 4 bytes, once for the student
-                     and once for the teacher (fp32 while the loss runs)
-  held teacher logits  the trainer keeps the teacher's response logits (model dtype) for every
-                     micro-batch of the step on the last stage between scoring and the update
+                     and once for the teacher (fp32 while the loss runs); response rows only, with
+                     or without sequence parallelism (the output layer computes no prompt position)
+  held teacher logits  0 at PP = 1 (the teacher scores each micro-batch inside the update's forward
+                     step: one micro-batch's logits at a time, counted under logits); at PP > 1 the
+                     teacher's response logits (model dtype) of every micro-batch of the step, on the
+                     last stage, from scoring to the update
   activations        rough: 34 x s x b x h bytes per layer (Korthikanti et al. 2022, flash attention,
                      no recomputation), / TP with sequence parallelism (else (10 + 24/TP) x s x b x h),
                      for all layers of the first stage x PP micro-batches in flight (1F1B); s =
@@ -188,7 +191,9 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
     teacher_kv = kv_bytes(teacher_model, tp, pp, mb, context + prompt + response) if needs_teacher else 0
     vocab_shard = s.padded_vocab_size(tp) // tp
     logits_one = mb * response * vocab_shard * 4
-    held = (rows // mb) * mb * response * vocab_shard * DTYPE_BYTES[teacher_model.params_dtype] if needs_teacher else 0
+    # At PP = 1 the teacher scores inside the forward step: nothing is held beyond one micro-batch.
+    held = (rows // mb) * mb * response * vocab_shard * DTYPE_BYTES[teacher_model.params_dtype] \
+        if needs_teacher and pp > 1 else 0
     # The rollout's prefill produces [rows, prompt, V/tp] logits in the model dtype.
     prefill_logits = rows * (prompt + (context if cfg.algorithm.name != "opcd" else 0)) * vocab_shard * sbytes
     act = activation_bytes(s, tp, pp, prompt + response, mb, p.sequence_parallel, num_micro)

@@ -116,8 +116,7 @@ def response_outputs(model, index: torch.Tensor):
     whose output predicts response token t of sequence i; negative entries read position 0), and
     the model returns them aligned, `[R, b, v/tp]`, instead of `[b, S, v/tp]`. Yields True where
     it did, False where it cannot (then the model returns `[b, S, v/tp]` as usual and the caller
-    gathers): with sequence parallelism (the hidden states are split along the sequence) or
-    multi-token prediction (the output layer also runs on the MTP heads' states).
+    gathers): with multi-token prediction (the output layer also runs on the MTP heads' states).
 
     The loss reads only the response positions: the prompt's logits would cost the output layer's
     matmuls forward and backward, and reordering `[b, S, V]` logits into the loss's `[R, b, V]`
@@ -126,26 +125,44 @@ def response_outputs(model, index: torch.Tensor):
     GPTModel returns `logits.transpose(0, 1).contiguous()`, the output hook hands it the
     transposed view of the contiguous `[R, b, V]` logits, so that `.contiguous()` copies nothing.
     megatron slices the hidden states before the output layer the same way for inference
-    (`materialize_only_last_token_logits`)."""
+    (`materialize_only_last_token_logits`).
+
+    With sequence parallelism the hidden states arrive split along the sequence, `[S/tp, b, h]`:
+    they are gathered first (megatron's `gather_from_sequence_parallel_region`), the response
+    rows picked, and the output layer runs on those whole rows with its sequence-parallel gather
+    off for that call, as megatron's GPTModel does for dynamic-batching inference. Gradients: the
+    layer then all-reduces its input gradient over TP (as at TP without SP), so the gather's
+    backward only takes this rank's slice (`tensor_parallel_output_grad=False`; a reduce-scatter
+    there would sum the already summed gradient TP times)."""
     from megatron_opcd.checkpointing import unwrap
     from megatron_opcd.data.packing import response_rows
 
     module = unwrap(model)
     layer = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
     config = getattr(module, "config", None)
-    if layer is None or getattr(config, "sequence_parallel", False) or getattr(config, "mtp_num_layers", None):
+    if layer is None or getattr(config, "mtp_num_layers", None):
         yield False
         return
+    split = bool(getattr(layer, "sequence_parallel", False))
 
-    def gather(_layer, args):  # GPTModel hands the hidden states [S, b, h] over positionally
-        return (response_rows(args[0], index), *args[1:])  # [R, b, h]
+    def gather(_layer, args):  # GPTModel hands the hidden states [S(/tp), b, h] over positionally
+        hidden = args[0]
+        if split:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
+                                                          group=layer.tp_group)  # [S, b, h]
+            layer.sequence_parallel = False  # the rows are whole now: no second gather in the layer
+        return (response_rows(hidden, index), *args[1:])  # [R, b, h]
 
     def transposed(_layer, _args, output):  # (logits [R, b, v], bias)
+        layer.sequence_parallel = split
         return (output[0].transpose(0, 1), *output[1:])
 
     handles = [layer.register_forward_pre_hook(gather), layer.register_forward_hook(transposed)]
     try:
         yield True
     finally:
+        layer.sequence_parallel = split  # also when the forward raised between the hooks
         for handle in handles:
             handle.remove()

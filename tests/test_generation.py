@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _numerics import assert_f32_close
 from _generation_ranks import N, PROMPTS, RESPONSES, single_process_with_cli, suites_then_cli
 
 
@@ -44,7 +45,7 @@ def test_greedy_cache_equals_full_recomputation(single):
     assert single["nocache"] == expect
     # Greedy log-probs are at temperature 1.
     for got, (_, lps) in zip(single["suite"]["greedy"]["logprobs"], single["naive"]):
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(lps), atol=1e-5, rtol=0)
+        assert_f32_close(torch.tensor(got), torch.tensor(lps))
 
 
 def test_batched_equals_one_by_one(single):
@@ -66,12 +67,12 @@ def test_prefix_score_equals_recomputation(single):
             assert out["mask"][:, i].sum() == len(r)
             if not r:
                 continue
-            torch.testing.assert_close(out["logits"][: len(r), i], ref, atol=1e-5, rtol=0)
+            assert_f32_close(out["logits"][: len(r), i], ref)
             ref_lp = torch.log_softmax(ref[:, :250].float(), -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
-            torch.testing.assert_close(out["logprobs"][: len(r), i], ref_lp, atol=1e-5, rtol=0)
+            assert_f32_close(out["logprobs"][: len(r), i], ref_lp)
         assert (out["logprobs"] * (1 - out["mask"])).abs().max() == 0
     for i, ref in enumerate(single["naive_score_empty_prompt"]):
-        torch.testing.assert_close(single["score_empty_prompt"][: len(ref), i], ref, atol=1e-5, rtol=0)
+        assert_f32_close(single["score_empty_prompt"][: len(ref), i], ref)
 
 
 def test_learned_absolute_positions(single):
@@ -229,9 +230,8 @@ def test_cascade_attention_equals_one_softmax_over_all_keys():
     chunked = partial(_attention_with_lse_matmul, max_scores=2 * b * g * S)  # two queries per chunk
     for fn in (attention_with_lse, _attention_with_lse_matmul, chunked):
         out, lse = fn(q.float(), k.float(), v.float(), bias.float(), scale)
-        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
-        torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale),
-                                   atol=1e-5, rtol=0)
+        assert_f32_close(lse, ref_lse)
+        assert_f32_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale))
 
 
 def test_shared_prefix_cache_keeps_one_copy_and_refuses_a_masked_prefix():
@@ -286,7 +286,7 @@ def test_sampled_logprobs_at_temperature(single):
     got = single["sampled_t07"]
     assert got["responses"] != single["suite"]["greedy"]["responses"]
     for lp, ref in zip(got["logprobs"], single["naive_lp_t07"]):
-        torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref), atol=1e-5, rtol=0)
+        assert_f32_close(torch.tensor(lp), torch.tensor(ref))
 
 
 def test_eos_stop_string_and_length(single):

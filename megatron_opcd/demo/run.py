@@ -2,10 +2,16 @@
 
     job_main(plan, progress) -> results     (launched by demo.main, one process per CPU core)
 
-Per method a fresh `Trainer` (student = the converted SmolLM2, teacher = a frozen copy of it that
-sees the pirate rule at the start of the user turn) runs its named phases step by step; every
-`plan.curve_every` steps the student answers a few held-out prompts greedily without the context
-(the learning curve). Evaluations go through `megatron_opcd.evaluation.evaluate_task`.
+Per method and seed a fresh `Trainer` (student = the converted SmolLM2, teacher = a frozen copy of
+it that sees the pirate rule at the start of the user turn) runs its named phases step by step.
+The seed is the trainer's `data.seed`: it moves the data order and the rollout samples; the
+weights, prompts and budget are the same for every seed. Every `plan.curve_every` steps (and at
+the end) a learning-curve point on fixed held-out prompts: the student answers greedily without
+the context, graded for the pirate rule, and the trainer's exact held-out KL(student || teacher
+with the context) over the whole vocabulary on those answers (what OPCD minimises, not the
+training loss on fresh samples); and the French rule given in context (what the student keeps).
+The step-0 point is the base model's, the same for every seed and method: measured once.
+Evaluations go through `megatron_opcd.evaluation.evaluate_task` and `training.evaluate.eval_kl`.
 
 Why two independent single-rank jobs, one per core, rather than one 2-rank job: SmolLM2-135M has
 9 attention heads and 3 query groups, so tensor parallelism over 2 ranks cannot split them, and
@@ -49,19 +55,26 @@ class Plan:
     ood_tokens: int = 24
     """Greedy tokens when grading "written in French" (the detector needs a few function words)."""
     eval_prompts: int = 50
-    curve_every: int = 2
+    curve_every: int = 4
+    """A curve point every N steps (and at step 0 and the last step)."""
     curve_prompts: int = 16
-    curve_tokens: int = 4
-    curve_ood: bool = True
-    """Also grade the French rule in context at every curve point (forgetting over time)."""
-    eval_batch: int = 25
+    eval_batch: int = 50
+    """Prompts per generation batch in the final evaluations (all 50 at once: fewer decode steps)."""
     seed: int = 1234
+    """The first seed; seed i is seed + i. Also megatron's seed (the same for every run)."""
+    seeds: int = 3
+    """Runs per method, each with its own data order and rollout samples (`data.seed`)."""
     methods: tuple = METHODS
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
 
 
 def job_share(plan: Plan, job: int) -> tuple[list[str], list[str]]:
-    """(methods, baselines) of job `job`: methods round-robin; the cheap pirate baselines with the
-    first job, the longer French one with the last, so the jobs take about the same time."""
+    """(methods, baselines) of job `job`: methods round-robin (each with all the seeds); the
+    cheap pirate baselines and the step-0 curve point with the first job, the longer French
+    baseline with the last, so the jobs take about the same time."""
     methods = list(plan.methods[job::plan.jobs])
     if plan.jobs == 1:
         return methods, list(BASELINES)
@@ -69,17 +82,19 @@ def job_share(plan: Plan, job: int) -> tuple[list[str], list[str]]:
     return methods, baselines
 
 
-def train_config(plan: Plan, method: str):
+def train_config(plan: Plan, method: str, seed: Optional[int] = None):
     from megatron_opcd.config import ParallelConfig
     from megatron_opcd.training.config import (AlgorithmConfig, CheckpointConfig, ContextConfig, DataConfig,
-                                               GenerationConfig, LoggingConfig, LossConfig, OptimizerConfig,
-                                               ScheduleConfig, TeacherConfig, TrainConfig)
+                                               EvaluationConfig, GenerationConfig, LoggingConfig, LossConfig,
+                                               OptimizerConfig, ScheduleConfig, TeacherConfig, TrainConfig)
+
+    seed = plan.seed if seed is None else seed
 
     return TrainConfig(
         # A frozen copy of the base model is the teacher: it stays fixed while the student learns.
         teacher=TeacherConfig(mode="frozen", checkpoint=plan.ckpt),
         parallel=ParallelConfig(seed=plan.seed),
-        data=DataConfig(train=plan.train_file, chat_template="auto", seed=plan.seed),
+        data=DataConfig(train=plan.train_file, chat_template="auto", seed=seed),
         context=ContextConfig(text=P.PIRATE_RULE, placement="user_prefix"),
         algorithm=AlgorithmConfig(name=method),
         # OPCD: reverse KL over the student's top-256 on its own samples. Off-policy CD: forward KL
@@ -89,8 +104,10 @@ def train_config(plan: Plan, method: str):
         optimizer=OptimizerConfig(name="adam", lr=plan.lr, clip_grad=1.0),
         schedule=ScheduleConfig(steps=plan.steps, global_batch_size=plan.batch, micro_batch_size=plan.batch),
         checkpoint=CheckpointConfig(pretrained=plan.ckpt, save=None, save_at_end=False, resume=False),
+        # The curve's held-out KL (demo/run.py calls eval_kl itself): greedy answers of the graded length.
+        evaluation=EvaluationConfig(interval=0, greedy=True, max_new_tokens=plan.eval_tokens),
         # The console shows the parent's bars; this job's own log goes to OUT/<job>.log.
-        logging=LoggingConfig(dir=f"{plan.out_dir}/{method}", tensorboard=False, progress=False),
+        logging=LoggingConfig(dir=f"{plan.out_dir}/{method}/seed{seed}", tensorboard=False, progress=False),
     )
 
 
@@ -157,41 +174,54 @@ def evaluate(trainer, model, examples, task, *, context: Optional[str], tokens: 
             "samples": samples}
 
 
+def curve_point(trainer, plan: Plan, examples, pirate, french, step: int, *, ood: bool = True) -> dict:
+    """One learning-curve point of `trainer.student` on the fixed held-out `examples`: its greedy
+    answers without the context graded for the pirate rule, the exact held-out KL(student ||
+    teacher with the context) on those answers, and (with `ood`) the French rule in context."""
+    from megatron_opcd.training.evaluate import eval_kl
+
+    kl, responses = eval_kl(trainer, examples, step)
+    texts = [trainer.tokenizer.decode(r) for r in responses]
+    point = {"accuracy": sum(pirate.grade(t, e) for t, e in zip(texts, examples)) / max(len(examples), 1),
+             "heldout_kl": kl, "ood_accuracy": float("nan")}
+    if ood:
+        point["ood_accuracy"] = evaluate(trainer, trainer.student, examples, french, context=P.FRENCH_RULE,
+                                         tokens=plan.ood_tokens, batch=len(examples))["accuracy"]
+    return point
+
+
 def _train(trainer, plan: Plan, curve_examples, pirate, french, progress: Progress, timer: Timer,
-           method: str) -> dict:
-    """The steps of one method, with the learning curve every `curve_every` steps on
-    `curve_examples`: the pirate rule without the context, and the French rule in context (what
-    the student keeps); the training KL every step."""
-    curve = {"step": [], "accuracy": [], "ood_accuracy": [], "kl_step": [], "kl": [], "loss": []}
-
-    def point(step: int) -> None:
-        with timer(f"{method}_curve"):
-            r = evaluate(trainer, trainer.student, curve_examples, pirate, context=None, tokens=plan.curve_tokens,
-                         batch=len(curve_examples))
-            ood = evaluate(trainer, trainer.student, curve_examples, french, context=P.FRENCH_RULE,
-                           tokens=plan.ood_tokens, batch=len(curve_examples)) if plan.curve_ood else None
-        curve["step"].append(step)
-        curve["accuracy"].append(r["accuracy"])
-        curve["ood_accuracy"].append(ood["accuracy"] if ood else float("nan"))
-
-    point(0)
+           name: str) -> dict:
+    """The steps of one run, with a curve point on `curve_examples` every `curve_every` steps
+    (before the last step; the last point is taken after the final evaluation, run_method) and
+    the training KL every step."""
+    curve = {"step": [], "accuracy": [], "ood_accuracy": [], "heldout_kl": [], "kl_step": [], "kl": [], "loss": []}
     while trainer.step < plan.steps:
-        with timer(f"{method}_steps"):
+        with timer(f"{name}_steps"):
             result = trainer.train_step()
         m = result.metrics
         for k in ("rollout", "teacher", "update"):
-            timer.wall[f"{method}_{k}"] = timer.wall.get(f"{method}_{k}", 0.0) + m.get(f"time_{k}", 0.0)
+            timer.wall[f"{name}_{k}"] = timer.wall.get(f"{name}_{k}", 0.0) + m.get(f"time_{k}", 0.0)
         curve["kl_step"].append(trainer.step)
         curve["kl"].append(m.get("kl", float("nan")))
         curve["loss"].append(m.get("loss", float("nan")))
-        if trainer.step % plan.curve_every == 0 or trainer.step == plan.steps:
-            point(trainer.step)
-            m = {**m, "accuracy_no_context": curve["accuracy"][-1]}
-        trainer.logger.log(trainer.step, m)  # OUT/<method>/metrics.jsonl
-        progress(1, postfix=f"kl {m.get('kl', float('nan')):.3f}, pirate rule without context "
-                            f"{100 * curve['accuracy'][-1]:.0f}%, French rule in context {100 * curve['ood_accuracy'][-1]:.0f}%")
-    trainer.logger.close()
+        postfix = ""
+        if trainer.step % plan.curve_every == 0 and trainer.step < plan.steps:
+            with timer(f"{name}_curve"):
+                add_point(curve, trainer.step,
+                          curve_point(trainer, plan, curve_examples, pirate, french, trainer.step))
+            m = {**m, "accuracy_no_context": curve["accuracy"][-1], "heldout_kl": curve["heldout_kl"][-1]}
+            postfix = (f", pirate rule without context {100 * curve['accuracy'][-1]:.0f}%, "
+                       f"French rule in context {100 * curve['ood_accuracy'][-1]:.0f}%")
+        trainer.logger.log(trainer.step, m)  # OUT/<method>/seed<seed>/metrics.jsonl
+        progress(1, postfix=f"kl {m.get('kl', float('nan')):.3f}{postfix}")
     return curve
+
+
+def add_point(curve: dict, step: int, point: dict) -> None:
+    curve["step"].append(step)
+    for k in ("accuracy", "ood_accuracy", "heldout_kl"):
+        curve[k].append(point[k])
 
 
 def _redirect_output(path: str) -> None:
@@ -206,7 +236,9 @@ def _redirect_output(path: str) -> None:
 
 
 def job_main(plan: Plan, progress_queue=None) -> dict:
-    """One worker: its share of the baselines and methods, on a megatron-core world of one rank."""
+    """One worker: its share of the baselines and of the (method, seed) runs, on a megatron-core
+    world of one rank. Returns {"baselines", "curve0" (first job only), "runs", "samples",
+    "timings"}; demo.main.aggregate turns the jobs' results into the report."""
     job = int(os.environ.get("RANK", "0"))
     # A world of its own: without the launcher's variables parallel.initialize() makes a group of
     # one on a free port, so the two jobs never wait for each other.
@@ -228,51 +260,73 @@ def job_main(plan: Plan, progress_queue=None) -> dict:
     from megatron_opcd.training.trainer import Trainer
 
     timer = Timer()
-    progress = Progress(progress_queue, name, total=len(baselines) + len(methods) * (plan.steps + 2) + len(methods))
+    runs = [(m, s) for m in methods for s in plan.seed_list]
+    first = job == 0
+    progress = Progress(progress_queue, name,
+                        total=len(baselines) + int(first) + len(runs) * (plan.steps + 4))
     pirate = get_task("starts_with", prefix=P.PIRATE_PREFIX)
     french = get_task("language", language="french")
     held_out = [Example(prompt=p, index=i) for i, p in enumerate(P.eval_prompts()[:plan.eval_prompts])]
     # The curve's subset: spread over the held-out set.
     curve_examples = held_out[::max(1, len(held_out) // plan.curve_prompts)][:plan.curve_prompts]
+    curve_index = {e.index for e in curve_examples}
     evals = {  # key: (model, context, task, tokens, label)
         "base": ("teacher", None, pirate, plan.eval_tokens, "base model, no context"),
         "in_context": ("teacher", P.PIRATE_RULE, pirate, plan.eval_tokens, "teacher: pirate rule in context"),
         "ood_base": ("teacher", P.FRENCH_RULE, french, plan.ood_tokens, "base model, French rule in context"),
-        "{m}": ("student", None, pirate, plan.eval_tokens, "trained student, no context"),
-        "ood_{m}": ("student", P.FRENCH_RULE, french, plan.ood_tokens, "trained student, French rule in context"),
+        "{m}": ("student", None, pirate, plan.eval_tokens, "{m} seed {s}, no context"),
+        "ood_{m}": ("student", P.FRENCH_RULE, french, plan.ood_tokens, "{m} seed {s}, French rule in context"),
     }
-    results: dict = {"samples": {}, "n_eval": len(held_out)}
+    out: dict = {"baselines": {}, "runs": [], "samples": {}, "n_eval": len(held_out)}
 
-    def run_eval(trainer, key: str, method: str = "") -> None:
+    def run_eval(trainer, key: str, method: str = "", seed: int = 0) -> dict:
         which, ctx, task, tokens, label = evals[key]
         model = trainer.teacher if which == "teacher" else trainer.student
         out_key = key.format(m=method)
-        progress(0, phase=f"eval {label.format(m=method)}", postfix="")
-        with timer(f"eval_{out_key}"):
+        progress(0, phase=f"eval {label.format(m=method, s=seed)}", postfix="")
+        with timer(f"eval_{out_key}" + (f"_seed{seed}" if method else "")):
             r = evaluate(trainer, model, held_out, task, context=ctx, tokens=tokens, batch=plan.eval_batch,
                          progress=progress)
-        results[out_key] = r["accuracy"]
-        results["samples"][out_key] = r["samples"]
+        out["samples"][out_key + (f"@{seed}" if method else "")] = r["samples"]
+        return r
 
     groups = parallel.initialize(ParallelConfig(seed=plan.seed))
     try:
-        for i, method in enumerate(methods):
-            progress(0, phase="loading the student and the frozen teacher")
-            with timer(f"{method}_build"):
-                trainer = Trainer(train_config(plan, method), groups)
+        for i, (method, seed) in enumerate(runs):
+            run_name = f"{method}_seed{seed}"
+            t_run = time.perf_counter()
+            progress(0, phase=f"loading the student and the frozen teacher ({method}, seed {seed})")
+            with timer(f"{run_name}_build"):
+                trainer = Trainer(train_config(plan, method, seed), groups)
             progress(1)
-            if i == 0:
-                for key in baselines:  # the teacher holds the base weights, and never changes
-                    run_eval(trainer, key)
-            progress(0, phase=f"training ({plan.steps} steps)", postfix="")
-            results[f"curve_{method}"] = _train(trainer, plan, curve_examples, pirate, french, progress, timer, method)
-            run_eval(trainer, "{m}", method)
-            run_eval(trainer, "ood_{m}", method)
-            trainer = None  # free this method's models before the next one is built
+            if i == 0:  # the teacher holds the base weights and never changes; the student is still the base
+                for key in baselines:
+                    out["baselines"][key] = run_eval(trainer, key)["accuracy"]
+                if first:
+                    progress(0, phase="curve at step 0 (the base model)", postfix="")
+                    with timer("curve0"):
+                        out["curve0"] = curve_point(trainer, plan, curve_examples, pirate, french, 0)
+                    progress(1)
+            progress(0, phase=f"training {method}, seed {seed} ({plan.steps} steps)", postfix="")
+            curve = _train(trainer, plan, curve_examples, pirate, french, progress, timer, run_name)
+            acc = run_eval(trainer, "{m}", method, seed)
+            ood = run_eval(trainer, "ood_{m}", method, seed)
+            # The last curve point: the held-out KL and pirate grade of the final student on the
+            # curve's prompts, and the French grade from the final evaluation's answers to them.
+            with timer(f"{run_name}_curve"):
+                last = curve_point(trainer, plan, curve_examples, pirate, french, plan.steps, ood=False)
+            kept = [s["score"] for s in ood["samples"] if s["index"] in curve_index]
+            last["ood_accuracy"] = sum(kept) / len(kept) if kept else float("nan")
+            add_point(curve, plan.steps, last)
+            progress(1)
+            trainer.logger.close()
+            out["runs"].append({"method": method, "seed": seed, "accuracy": acc["accuracy"],
+                                "ood_accuracy": ood["accuracy"], "curve": curve,
+                                "seconds": round(time.perf_counter() - t_run, 1)})
+            trainer = None  # free this run's models before the next one is built
             gc.collect()
         progress(0, phase="done", postfix="")
     finally:
         parallel.destroy()
-    results["timings"] = {"wall": timer.wall, "cpu": timer.cpu,
-                          "job_cpu": time.process_time(), "job": name}
-    return results
+    out["timings"] = {"wall": timer.wall, "cpu": timer.cpu, "job_cpu": time.process_time(), "job": name}
+    return out

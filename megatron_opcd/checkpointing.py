@@ -6,7 +6,13 @@ Layout of a checkpoint folder:
     DIR/model_config.yaml    the ModelConfig it was built from (nothing to retype)
     DIR/tokenizer/           tokenizer files travelling with the weights (optional)
     DIR/<extra>              what the trainer adds (optimizer, RNG, data position)
-    DIR/opcd_checkpoint.json written last: a folder without it is not a checkpoint
+    DIR/opcd_checkpoint.json written last: a folder without it is not a checkpoint; it lists every
+                             file above with its size and CRC-32 ("files"), checked at load
+
+Integrity: `verify_checkpoint` checks that every required part is there and that every listed
+file has its recorded size and checksum (the hashing is shared out over the ranks), so a flipped
+byte, a truncated shard or a deleted folder is one `CheckpointError` naming the folder and the
+part, never a silently different model.
 
 Atomicity: everything is written into `DIR.tmp-<nonce>` and renamed to DIR only after every rank
 finished and the marker is in place, so a crash mid-save never leaves a folder that looks complete.
@@ -24,6 +30,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Optional
@@ -35,7 +42,30 @@ import yaml
 from megatron_opcd.config import ConfigError, ModelConfig, from_dict, to_dict
 
 MARKER = "opcd_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the marker lists every file with its size and CRC-32. 1 (no checksums) still loads, unverified."""
+
+MODEL_PARTS = ("model_config.yaml", "model/.metadata")
+"""What every checkpoint holds besides the marker (the trainer's add optimizer/ and rng/)."""
+
+# Fields that change the weights' shapes or the function they compute; the others (dtype, TE/FP8,
+# dropout, init) may legitimately differ between a config and the checkpoint it loads.
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
+    "vocab_size", "normalization", "norm_epsilon", "activation", "position_embedding_type", "rotary_base",
+    "rotary_percent", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_max_position_embeddings", "add_qkv_bias", "add_bias_linear", "qk_layernorm", "tie_embeddings",
+)
+
+
+def check_matches_checkpoint(given: ModelConfig, saved: ModelConfig, path, role: str = "model",
+                             fix: str = "fix the section or omit it to use the checkpoint's") -> None:
+    """A model section given next to a checkpoint must describe the checkpoint's architecture."""
+    diffs = [f"{role}.{f}={getattr(given, f)!r} but the checkpoint has {getattr(saved, f)!r}"
+             for f in ARCHITECTURE_FIELDS if getattr(given, f) != getattr(saved, f)]
+    if diffs:
+        raise ConfigError(f"the {role} section does not match {path}/model_config.yaml: {'; '.join(diffs[:4])}"
+                          f"{' ...' if len(diffs) > 4 else ''}; {fix}")
 
 
 class CheckpointError(RuntimeError):
@@ -110,6 +140,109 @@ def _broadcast_str(value: str) -> str:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _broadcast_obj(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_lists(local: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if not dist.is_initialized():
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [item for part in parts for item in part]
+
+
+_CHUNK = 16 * 2**20  # bytes hashed per read: bounded memory whatever the shard size
+
+
+def file_crc32(path: str | Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def checksum_files(folder: str | Path) -> dict[str, list[int]]:
+    """{path relative to folder: [size, crc32]} of every file under `folder` but the marker.
+    Collective: rank 0 lists the files, each rank hashes every world_size-th one."""
+    folder = Path(folder)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER) \
+        if _rank() == 0 else None
+    names = _broadcast_obj(names)
+    mine = [(n, [(folder / n).stat().st_size, file_crc32(folder / n)]) for n in names[_rank()::_world()]]
+    return dict(sorted(_gather_lists(mine)))
+
+
+def _file_problem(folder: Path, name: str, expected) -> Optional[str]:
+    f = folder / name
+    try:
+        size = f.stat().st_size
+    except FileNotFoundError:
+        return f"{name} is missing"
+    except OSError as exc:
+        return f"{name} cannot be read ({_first_line(exc, 120)})"
+    if not (isinstance(expected, list) and len(expected) == 2):
+        return f"the marker's entry for {name} is malformed"
+    if size != expected[0]:
+        return f"{name} has {size} bytes but {expected[0]} were written (truncated or overwritten)"
+    try:
+        crc = file_crc32(f)
+    except OSError as exc:
+        return f"{name} cannot be read ({_first_line(exc, 120)})"
+    if crc != expected[1]:
+        return f"{name} does not match its checksum (crc32 {crc:08x}, written {expected[1]:08x}): flipped bytes"
+    return None
+
+
+def verify_checkpoint(path: str | Path, *, required: tuple[str, ...] = MODEL_PARTS,
+                      parts: Optional[tuple[str, ...]] = None, fix: str = "re-save or re-convert it") -> dict:
+    """Check that `path` is complete and undamaged; returns its marker. Collective when
+    torch.distributed is initialised (every rank must call it): the hashing is shared out.
+
+    required: files or folders that must exist (e.g. "optimizer/.metadata"). parts: verify only
+    the listed files under these top-level names (None: all). A checkpoint of format 1 has no
+    checksums: only the required parts are checked. A problem is one CheckpointError naming the
+    folder and the part, the same on every rank."""
+    path = Path(path)
+    meta = read_meta(path)
+    problems = [f"{part} is missing" for part in required if not (path / part).exists()]
+    files = meta.get("files")
+    version = meta.get("format_version")
+    if not problems and version != 1:
+        if not isinstance(files, dict):
+            problems.append(f"{MARKER} has no \"files\" list (format_version {version!r})")
+        else:
+            names = sorted(n for n in files if parts is None or n.split("/", 1)[0] in parts)
+            problems = [p for n in names[_rank()::_world()] if (p := _file_problem(path, n, files[n]))]
+    problems = sorted(_gather_lists(problems))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}{more}; {fix}")
+    return meta
+
+
+def check_finite(model, path: str | Path) -> None:
+    """Refuse to save non-finite weights (collective): a NaN/inf weight is never written."""
+    bad = next((name for name, p in unwrap(model).named_parameters() if not bool(torch.isfinite(p).all())), None)
+    flag = torch.tensor([0.0 if bad is None else 1.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        where = f" ({bad} on rank {_rank()})" if bad is not None else " (on another rank)"
+        raise CheckpointError(f"refusing to save {path}: the weights hold NaN/inf{where}; nothing was written and "
+                              "the previous checkpoint is intact; lower optimizer.lr or check the data")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -286,14 +419,17 @@ def save_model_weights(model, folder: str | Path) -> None:
     dist_checkpointing.save(sharded, str(target), async_sharded_save=False)
 
 
-def load_model_weights(model, folder: str | Path, *, strict: bool = True) -> None:
-    """Load folder/model into `model` at this process's TP/PP layout."""
+def load_model_weights(model, folder: str | Path, *, strict: bool = True, verify: bool = True) -> None:
+    """Load folder/model into `model` at this process's TP/PP layout (collective). A complete
+    checkpoint (with its marker) is verified first (`verify_checkpoint` of model/)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     source = Path(folder) / "model"
     if not Path(folder).exists():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; check the path")
+    if verify and is_checkpoint(folder):
+        verify_checkpoint(folder, parts=("model", "model_config.yaml"))
     if not source.is_dir():
         raise CheckpointError(f"{folder} has no model/ folder: not a megatron-opcd checkpoint; point at a folder "
                               "written by the trainer or tools/convert_checkpoint.py")
@@ -323,6 +459,7 @@ def save_checkpoint(
     """Write a complete checkpoint to `path` atomically. `extra_writers` are callables
     `writer(tmp_folder)` run on every rank before the marker is written (optimizer, RNG...)."""
     path = Path(path)
+    check_finite(model, path)
     with AtomicCheckpointDir(path) as tmp:
         save_model_weights(model, tmp)
         for writer in extra_writers:
@@ -335,8 +472,9 @@ def save_checkpoint(
                 (tmp / "tokenizer").mkdir(exist_ok=True)
                 shutil.copy2(tokenizer_dir, tmp / "tokenizer" / Path(tokenizer_dir).name)
         _barrier()
+        files = checksum_files(tmp)  # after every rank's and rank 0's writes (the barrier above)
         if _rank() == 0:
-            record = {"format_version": FORMAT_VERSION, "saved_at": time.time(), **(meta or {})}
+            record = {"format_version": FORMAT_VERSION, "saved_at": time.time(), **(meta or {}), "files": files}
             marker = tmp / MARKER
             marker.write_text(json.dumps(record, indent=1))
             with open(marker, "rb+") as fh:

@@ -65,6 +65,9 @@ def run(config_path, overrides) -> dict:
             trainer = Trainer(cfg, groups)
         return trainer.train()
     finally:
+        from megatron_opcd.training.state import release_locks
+
+        release_locks()  # this run's checkpoint.save lock (also released at exit)
         parallel.destroy()
 
 

@@ -256,6 +256,12 @@ class CheckpointConfig:
     save_at_end: bool = True
     resume: bool = True
     """Resume from the latest checkpoint found in `load`/`save`."""
+    fallback: Literal["none", "previous"] = "none"
+    """A damaged newest checkpoint (a part missing, a checksum wrong): none = stop with one line naming
+    the folder and the part; previous = resume from the newest checkpoint that verifies (logged)."""
+    use_checkpoint_schedule: Optional[bool] = None
+    """On resume, when optimizer/schedule settings differ from the checkpoint's: null = refuse (one line
+    naming both values), true = continue the checkpoint's, false = apply the config's from here on."""
 
     def __post_init__(self):
         if self.interval < 0 or self.keep_last < 0:

@@ -34,7 +34,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.checkpointing import CheckpointError, load_model_weights, read_model_config, tokenizer_dir, unwrap
+from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoint: re-exported
+    ARCHITECTURE_FIELDS, CheckpointError, check_matches_checkpoint, load_model_weights, read_model_config, tokenizer_dir,
+    unwrap,
+)
 from megatron_opcd.config import ConfigError, ModelConfig
 from megatron_opcd.data.packing import gather_response, pack
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream, load_contexts, load_examples
@@ -55,25 +58,6 @@ from megatron_opcd.training.metrics import MetricsLogger
 from megatron_opcd.training.objectives import MicroBatch, build_objective
 from megatron_opcd.training.optimizer import build_optimizer
 from megatron_opcd.training import state as ckpt_state
-
-
-# Fields that change the weights' shapes or the function they compute; the others (dtype, TE/FP8,
-# dropout, init) may legitimately differ between a config and the checkpoint it loads.
-ARCHITECTURE_FIELDS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
-    "vocab_size", "normalization", "norm_epsilon", "activation", "position_embedding_type", "rotary_base",
-    "rotary_percent", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-    "rope_original_max_position_embeddings", "add_qkv_bias", "add_bias_linear", "qk_layernorm", "tie_embeddings",
-)
-
-
-def check_matches_checkpoint(given: ModelConfig, saved: ModelConfig, path, role: str = "model") -> None:
-    """A model section given next to a checkpoint must describe the checkpoint's architecture."""
-    diffs = [f"{role}.{f}={getattr(given, f)!r} but the checkpoint has {getattr(saved, f)!r}"
-             for f in ARCHITECTURE_FIELDS if getattr(given, f) != getattr(saved, f)]
-    if diffs:
-        raise ConfigError(f"the {role} section does not match {path}/model_config.yaml: {'; '.join(diffs[:4])}"
-                          f"{' ...' if len(diffs) > 4 else ''}; fix the section or omit it to use the checkpoint's")
 
 
 class NonFiniteError(RuntimeError):
@@ -139,6 +123,8 @@ class Trainer:
         self.consecutive_skips = 0
         self._stop_signal: Optional[int] = None
         self.run_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+        self.run_lock = ckpt_state.lock_run_dir(self.run_dir)  # this run owns checkpoint.save, or one line
+        self.resume = ckpt_state.check_resume(cfg)  # files only, before any model is built
 
         # --- models -------------------------------------------------------------------------
         pretrained = cfg.checkpoint.pretrained
@@ -180,7 +166,7 @@ class Trainer:
         self.log_dir = Path(log_dir or cfg.logging.dir or cfg.checkpoint.save or "runs/opcd")
         if resume_from is not None:
             meta = ckpt_state.load_training_checkpoint(resume_from, model=self.ddp, optimizer=self.optimizer,
-                                                       scheduler=self.scheduler)
+                                                       scheduler=self.scheduler, plan=self.resume)
             self.step = int(meta["step"])
             self.stream.position = int(meta["data_position"])
         self.logger = MetricsLogger(
@@ -198,6 +184,8 @@ class Trainer:
         from megatron_opcd.data.tokenizer import load_tokenizer
 
         path = self.cfg.data.tokenizer
+        if path is None and self.resume is not None and self.resume.tokenizer is not None:
+            path = str(self.resume.tokenizer)  # resume: the checkpoint's own tokenizer/
         if path is None and self.cfg.checkpoint.pretrained:
             found = tokenizer_dir(self.cfg.checkpoint.pretrained)
             path = str(found) if found else None
@@ -213,19 +201,7 @@ class Trainer:
         return tok
 
     def _resume_path(self) -> Optional[Path]:
-        c = self.cfg.checkpoint
-        if not c.resume:
-            return None
-        for candidate in (c.load, c.save):
-            if candidate:
-                if self.rank == 0 and candidate == c.save:
-                    ckpt_state.cleanup_incomplete(candidate)
-                found = ckpt_state.find_latest(candidate)
-                if found is not None:
-                    return found
-                if candidate == c.load:
-                    raise CheckpointError(f"checkpoint.load={c.load} holds no complete checkpoint")
-        return None
+        return self.resume.path if self.resume is not None else None  # chosen and verified by check_resume
 
     def _build_teacher(self):
         t = self.cfg.teacher

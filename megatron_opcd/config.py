@@ -132,15 +132,84 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+MAX_YAML_BYTES = 4 * 2**20
+"""Largest config file (a config is kilobytes; a bigger file is a mistake)."""
+MAX_YAML_NODES = 100_000
+"""Most values a YAML document may expand to, aliases counted at each use (a few nested aliases
+can otherwise name billions: the "billion laughs")."""
+
+
+def _expanded_size(node, where: str) -> int:
+    """Values `node` stands for once every alias is expanded (shared nodes counted at each use)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{where}: a YAML alias refers to itself (a recursive structure); remove it")
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(size(v) for v in n.value)
+        active.discard(key)
+        sizes[key] = total = min(total, MAX_YAML_NODES + 1)  # capped: the sum stays small
+        return total
+
+    return size(node)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with a bound on what aliases can expand to (ConfigError naming `where`)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, where) > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values (nested aliases); "
+                              "write the values out or use fewer aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _keeps_hash(value: Any) -> bool:
+    if isinstance(value, str):
+        return "#" in value
+    if isinstance(value, dict):
+        return any(_keeps_hash(k) or _keeps_hash(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_keeps_hash(v) for v in value)
+    return False
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML). A `#` in the value is part of it
+    (a command line has no comments): when YAML would read ` #...` as a comment, the value is
+    the text as typed."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. model.num_layers=4)")
     key, raw = text.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
         raise ConfigError(f"override '{text}' has an empty key part")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return path, ""
+    try:
+        value = safe_yaml(raw, f"override '{text}'")
+    except yaml.YAMLError as exc:
+        if "#" not in raw:
+            raise ConfigError(f"override '{text}': the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                              "quote it") from None
+        value = None  # e.g. `[a, #b]`: fall back to the text as typed
+    if "#" in raw and not _keeps_hash(value):
+        value = raw.strip()
+    return path, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -160,10 +229,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a file; pass --config with a YAML file (see examples/)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file (see examples/)")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size // 2**20} MiB, over the "
+                          f"{MAX_YAML_BYTES // 2**20} MiB a config may have; is it the right file?")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except UnicodeDecodeError:

@@ -40,7 +40,7 @@ from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoi
 )
 from megatron_opcd.config import ConfigError, ModelConfig
 from megatron_opcd.data.packing import gather_response, pack
-from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream, load_contexts, load_examples
+from megatron_opcd.data.prompts import ContextSampler, DataError, Example, PromptStream, load_contexts, load_examples
 from megatron_opcd.data.render import PromptRenderer, common_prefix, shared_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
@@ -230,7 +230,11 @@ class Trainer:
             warnings.simplefilter("ignore")
             for e in examples:
                 ctx = e.context if (self.cfg.context.selection == "per_example" and e.context) else longest
-                if self.renderer.pair(e.prompt, ctx) is None:
+                try:
+                    pair = self.renderer.pair(e.prompt, ctx)
+                except DataError as exc:  # over a token limit: name the line it came from
+                    raise DataError(f"{e.where}: {exc}" if e.where else str(exc)) from None
+                if pair is None:
                     skipped += 1
                 else:
                     kept.append(e)

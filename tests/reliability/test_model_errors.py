@@ -90,10 +90,11 @@ def test_teacher_checkpoint_of_another_architecture(tiny, ckpts):
 
 @pytest.mark.timeout(120)
 def test_resume_from_another_architecture(tiny, ckpts):
-    """checkpoint.load is trusted to hold this run's model: the shapes disagree at load time."""
+    """The model section is compared with the checkpoint being resumed (check_resume, before any
+    model is built), as it is with checkpoint.pretrained."""
     rc, err = cli_in_process(tiny, f"checkpoint.load={ckpts['other']}")
-    assert_clean_error(rc, err, f"cannot load model weights from {ckpts['other']}/model",
-                       "shape mismatch", "corrupted, truncated or of another architecture")
+    assert_clean_error(rc, err, f"does not match {ckpts['other']}/model_config.yaml", "model.num_layers=4 but the "
+                       "checkpoint has 2", "must describe the model being resumed")
 
 
 # --- corrupted and truncated checkpoints --------------------------------------------------------
@@ -109,13 +110,15 @@ def _truncate(pattern):
     return damage
 
 
+# Caught by the marker's sizes/checksums and required parts (checkpointing.verify_checkpoint).
 CORRUPT = {
-    "truncated weights": (_truncate("model/*.distcp"), "checkpoint.pretrained", ["cannot load model weights from"]),
+    "truncated weights": (_truncate("model/*.distcp"), "checkpoint.pretrained",
+                          ["is damaged: model/__0_0.distcp has", "were written (truncated or overwritten)"]),
     "missing .metadata": (lambda d: (d / "model" / ".metadata").unlink(), "checkpoint.pretrained",
-                          ["cannot load model weights from", "corrupted, truncated"]),
+                          ["is damaged: model/.metadata is missing"]),
     "truncated optimizer": (_truncate("optimizer/*.distcp"), "checkpoint.load",
-                            ["cannot load the optimizer state from", "corrupted or truncated"]),
-    "truncated RNG state": (_truncate("rng/*.pt"), "checkpoint.load", ["cannot read", "rank_00000.pt", "corrupted"]),
+                            ["is damaged: optimizer/__0_0.distcp has", "(and 1 more)"]),
+    "truncated RNG state": (_truncate("rng/*.pt"), "checkpoint.load", ["is damaged: rng/rank_00000.pt has"]),
     "corrupted marker": (lambda d: (d / "opcd_checkpoint.json").write_text('{"step": 1, '), "checkpoint.load",
                          ["opcd_checkpoint.json is unreadable", "delete"]),
     "corrupted model_config.yaml": (lambda d: (d / "model_config.yaml").write_text("num_layers: [4\n"),

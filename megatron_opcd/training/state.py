@@ -182,7 +182,10 @@ def _gone(held: dict, age: float) -> Optional[str]:
         if not isinstance(pid, int) or not psutil.pid_exists(pid):
             return f"pid {pid} is no longer running"
         try:
-            if abs(psutil.Process(pid).create_time() - float(held.get("created", 0))) > 1.0:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped by its parent
+                return f"pid {pid} has exited"
+            if abs(proc.create_time() - float(held.get("created", 0))) > 1.0:
                 return f"pid {pid} is another process now"
         except (psutil.Error, TypeError, ValueError):
             return f"pid {pid} is no longer running"
@@ -249,10 +252,18 @@ class RunLock:
                     os.replace(self.path, aside)
                 except FileNotFoundError:
                     continue
-                taken = json.loads(aside.read_text(encoding="utf-8") or "{}") if aside.stat().st_size else {}
-                aside.unlink()
-                if taken != held:  # another run took it over between our read and our rename: retry
+                try:
+                    taken = json.loads(aside.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    taken = {}
+                if taken != held:  # another run took it over between our read and our rename: put it back
+                    try:
+                        os.link(aside, self.path)
+                    except FileExistsError:
+                        pass
+                    aside.unlink()
                     continue
+                aside.unlink()
                 if held.get("pid") != me["pid"] or held.get("host") != me["host"]:
                     _say(f"took over the lock {self.path} of pid {held.get('pid')} on {held.get('host')}: {why}")
             else:

@@ -553,4 +553,6 @@ class Trainer:
             if c.checkpoint.save_at_end and not (c.checkpoint.interval and self.step % c.checkpoint.interval == 0):
                 self.save()
         self.logger.close()
+        if self.run_lock is not None:
+            self.run_lock.release()  # the run is over: checkpoint.save is free for the next one
         return {"step": self.step, "last": last, "history": history}

@@ -96,3 +96,38 @@ def test_debug_flag_shows_the_traceback(tiny):
     rc, err = cli_in_process(tiny, "model.hiden_size=64", "logging.debug=true")
     assert rc == 1
     assert "Traceback" in err and "error: unknown config key 'model.hiden_size'" in err
+
+
+@pytest.mark.timeout(60)
+def test_config_is_a_directory(tmp_path):
+    rc, err = cli_in_process(tmp_path)
+    assert_clean_error(rc, err, f"config {tmp_path} is a directory, not a file")
+
+
+@pytest.mark.timeout(30)
+def test_override_keeps_a_hash_in_the_value(tiny):
+    """A command line has no comments: `key=a #b` is the value `a #b` (YAML alone would cut it at ` #`)."""
+    from megatron_opcd.training.config import load_train_config
+
+    cfg = load_train_config(str(tiny), ["context.text=Answer with #1 first", "generation.stop_strings=['x #', '#y']"])
+    assert cfg.context.text == "Answer with #1 first"
+    assert cfg.generation.stop_strings == ["x #", "#y"]
+
+
+@pytest.mark.timeout(30)
+def test_yaml_alias_bomb(tmp_path):
+    """Nine levels of nine aliases name 9**9 values in 300 bytes: refused before anything walks them."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\ngeneration: {stop_strings: *a8}\n")
+    rc, err = cli_in_process(bomb)
+    assert_clean_error(rc, err, f"config file {bomb}: the YAML expands to more than 100000 values")
+
+
+@pytest.mark.timeout(30)
+def test_oversize_yaml(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (5 * 2**20) + "\n")
+    rc, err = cli_in_process(big)
+    assert_clean_error(rc, err, f"config file {big} is 5 MiB, over the 4 MiB")

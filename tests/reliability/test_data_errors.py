@@ -26,6 +26,13 @@ BAD_FILES = {
     "line is not an object": (f"{GOOD}\n[1, 2]\n".encode(), [":2: expected a JSON object"]),
     "line without a prompt": (f"{GOOD}\n{{\"question\": \"hi\"}}\n".encode(), [":2: missing or empty \"prompt\""]),
     "non-UTF-8 text": (f"{GOOD}\n".encode() + b'{"prompt": "caf\xe9"}\n', [":2: not UTF-8 text", "re-encode the file as UTF-8"]),
+    # Checked when the file is loaded (data.prompts.check_text), not at the step that draws the line.
+    "prompt of invisible characters": (f"{GOOD}\n".encode() + b'{"prompt": "\\u200b\\ufeff \\u2060"}\n',
+                                       [":2: the \"prompt\" is empty once invisible characters are removed"]),
+    "lone surrogate": (f"{GOOD}\n{GOOD}\n".encode() + b'{"prompt": "caf\\ud800 au lait"}\n',
+                       [":3: the \"prompt\" is not valid Unicode", "U+D800"]),
+    "invisible per-example context": (f"{GOOD}\n".encode() + b'{"prompt": "hi", "context": "\\u3164\\u200d"}\n',
+                                      [":2: the \"context\" is empty once invisible characters are removed"]),
 }
 
 
@@ -35,6 +42,24 @@ def test_bad_prompt_file(tiny, tmp_path, content, needles):
     train = _write(tmp_path / "train.jsonl", content)
     rc, err = cli_in_process(tiny, f"data.train={train}")
     assert_clean_error(rc, err, str(train), *needles)
+
+
+@pytest.mark.timeout(60)
+def test_oversize_line(tiny, tmp_path):
+    """A line over data.prompts.MAX_LINE_BYTES (16 MiB) is an error naming it, read in bounded pieces."""
+    MAX_LINE_BYTES = 16 * 2**20
+    train = tmp_path / "train.jsonl"
+    with open(train, "w") as fh:
+        fh.write(GOOD + "\n" + '{"prompt": "' + "apple " * (MAX_LINE_BYTES // 6 + 1) + '"}\n')
+    rc, err = cli_in_process(tiny, f"data.train={train}")
+    assert_clean_error(rc, err, f"{train}:2: the line is longer than 16 MiB")
+
+
+@pytest.mark.timeout(60)
+def test_invisible_context_in_a_pool(tiny, tmp_path):
+    pool = _write(tmp_path / "pool.txt", "Answer with apple.\n\u200b\u200c\n")
+    rc, err = cli_in_process(tiny, "context.text=null", f"context.pool={pool}")
+    assert_clean_error(rc, err, f"{pool}:2: the context is empty once invisible characters are removed")
 
 
 @pytest.mark.timeout(60)
@@ -97,4 +122,4 @@ def test_too_long_truncates_the_context(tiny, tmp_path):
 def test_prompt_alone_too_long(tiny, tmp_path):
     train = _write(tmp_path / "train.jsonl", json.dumps({"prompt": "apple river stone " * 40}) + "\n")
     rc, err = cli_in_process(tiny, f"data.train={train}")
-    assert_clean_error(rc, err, "exceeds data.max_prompt_tokens=48", "raise the limit or shorten the prompt")
+    assert_clean_error(rc, err, f"{train}:1: ", "exceeds data.max_prompt_tokens=48", "raise the limit or shorten the prompt")

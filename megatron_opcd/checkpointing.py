@@ -394,14 +394,14 @@ def prepare_writer() -> None:
     global _WRITER_MANAGER
     from multiprocessing.managers import SyncManager
 
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_opcd.compat import mcore
 
-    if _WRITER_MANAGER is not None or getattr(filesystem_async, "_results_queue", False) is not None:
+    if _WRITER_MANAGER is not None or not mcore.writer_queue_unset():
         return  # ours already runs, or megatron's layout changed (then it makes its own)
     manager = SyncManager(ctx=_ImmuneSpawnContext())
     manager.start(initializer=_ignore_stop_signals)
     _WRITER_MANAGER = manager
-    filesystem_async._results_queue = manager.Queue()
+    mcore.set_writer_queue(manager.Queue())
 
 
 def save_model_weights(model, folder: str | Path) -> None:

@@ -93,7 +93,8 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
     _GROUPS = _collect(parallel)
     if dist.get_rank() == 0 and not _announced():
         print(f"[megatron-opcd] {dist.get_world_size()} rank(s), backend {dist.get_backend()}, "
-              f"TP={_GROUPS.tp_size} PP={_GROUPS.pp_size} DP={_GROUPS.dp_size}; {_implementations()}", flush=True)
+              f"TP={_GROUPS.tp_size} PP={_GROUPS.pp_size} DP={_GROUPS.dp_size}; megatron-core {_mcore_version()}; "
+              f"{_implementations()}", flush=True)
     return _GROUPS
 
 
@@ -117,6 +118,12 @@ def _announced() -> bool:
     global _ANNOUNCED
     seen, _ANNOUNCED = _ANNOUNCED, True
     return seen or os.environ.get("OPCD_QUIET") == "1"
+
+
+def _mcore_version() -> str:
+    from megatron_opcd.compat.cpu import installed_version
+
+    return installed_version()
 
 
 def _implementations() -> str:

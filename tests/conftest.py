@@ -37,7 +37,46 @@ def run_ranks():
     return _run
 
 
+# The modules that exercise megatron-core (models, layouts, losses, generation, training,
+# conversion, checkpoints, the adapter's contract): marked `mcore`, the part of the suite that
+# `make test-312` runs again on Python 3.12 with the newest supported megatron-core. The rest (config
+# parsing, data, graders, docs, shell scripts, games, the demo) does not depend on megatron-core's
+# version and runs once, in `make test-311`. A new module that builds or runs a megatron model
+# belongs here (tests/test_mcore_contract.py checks these files exist).
+MCORE_MODULES = (
+    "test_mcore_contract.py",
+    "test_models.py",
+    "test_layouts.py",
+    "test_losses.py",
+    "test_generation.py",
+    "test_train.py",
+    "test_convert.py",
+    "reliability/test_model_errors.py",
+    "reliability/test_numerics.py",
+)
+
+# Tests of those modules that never reach megatron-core (the C decode kernel, pure sampling
+# functions, a benchmark script's smoke run): not marked, they run once, in make test-311.
+MCORE_INDEPENDENT = (
+    "test_losses.py::test_benchmark_quick_mode_runs",
+    "test_generation.py::test_cpu_decode_kernel_matches_float64",
+    "test_generation.py::test_cpu_decode_kernel_applies_only_where_it_is_right",
+    "test_generation.py::test_cpu_decode_kernel_off_says_why",
+    "test_generation.py::test_cpu_decode_kernel_is_never_loaded_from_a_folder_others_can_write",
+    "test_generation.py::test_top_k_and_top_p_filters",
+    "test_generation.py::test_draw_categorical_matches_the_distribution",
+    "test_generation.py::test_sampling_params_validation",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    tests_dir = os.path.dirname(__file__)
+    mcore = {os.path.join(tests_dir, name) for name in MCORE_MODULES}
+    for item in items:
+        if str(item.path) in mcore:
+            rel = os.path.relpath(str(item.path), tests_dir) + "::" + item.name.split("[")[0]
+            if rel not in MCORE_INDEPENDENT:
+                item.add_marker(pytest.mark.mcore)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (and Transformer Engine); this machine has none")

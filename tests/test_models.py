@@ -18,10 +18,68 @@ def groups():
 
 
 def test_compat_patches_still_apply():
-    """Fails loudly if a megatron-core upgrade moved what the CPU patches target."""
+    """Fails loudly if a megatron-core upgrade moved what the CPU patches target, for the installed
+    release; the patches are keyed by release (0.19's current_stream is not 0.16's)."""
     from megatron_opcd.compat import check_cpu_patches
+    from megatron_opcd.compat import cpu
 
     assert check_cpu_patches() == []
+    assert cpu.installed_version() in cpu.TESTED, "CI runs only the releases compat/cpu.py was measured on"
+    names = {v: [p.name for p in cpu.patches_for(v)] for v in cpu.TESTED}
+    assert "current_stream" not in names["0.16.1"] and "current_stream" in names["0.19.2"]
+    assert set(names["0.16.1"]) < set(names["0.19.2"])
+    for patch in cpu.PATCHES:  # every target is a megatron-core name, checked where the patch applies
+        assert patch.targets and all(t.startswith("megatron.core.") for t in patch.targets), patch.name
+
+
+def test_compat_version_range_is_setup_py_and_the_makefile():
+    """One range: setup.py's requirement is compat/cpu.py's SUPPORTED, and CI's two environments
+    (the Makefile's MCORE_311/MCORE_312) are compat/cpu.py's TESTED releases, the range's ends."""
+    import re
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    from megatron_opcd.compat import cpu
+
+    root = Path(__file__).resolve().parents[1]
+    setup = (root / "setup.py").read_text()
+    assert f'"megatron-core{cpu.SUPPORTED}"' in setup
+    assert "==" not in re.search(r'"megatron-core[^"]*"', setup).group(0)
+    makefile = (root / "Makefile").read_text()
+    pins = tuple(re.search(rf"^MCORE_{py} := (\S+)$", makefile, re.M).group(1) for py in ("311", "312"))
+    assert pins == cpu.TESTED
+    assert all(v in SpecifierSet(cpu.SUPPORTED) for v in cpu.TESTED)
+
+
+def test_compat_unknown_release_warns_once_naming_what_was_checked(monkeypatch):
+    """A release past the tested ones runs: one warning naming it and the checked targets, no error."""
+    from megatron_opcd.compat import cpu
+
+    monkeypatch.setattr(cpu, "_warned", False)
+    with pytest.warns(UserWarning, match=r"megatron-core 0\.20\.0 is not a release this package was tested on") as rec:
+        cpu.verify("0.20.0")
+    text = str(rec[0].message)
+    assert "current_stream" in text and "megatron.core.tensor_parallel.random._get_cuda_rng_state" in text
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cpu.verify("0.20.0")  # once per process
+        cpu.verify(cpu.TESTED[0])  # a tested release: silent
+
+
+def test_compat_missing_target_and_old_release_are_errors(monkeypatch):
+    from megatron_opcd.compat import cpu
+
+    gone = cpu.Patch("gone", ">=0.20", ("megatron.core.tensor_parallel.random.no_such_function",), lambda: None)
+    monkeypatch.setattr(cpu, "PATCHES", cpu.PATCHES + (gone,))
+    assert cpu.check(cpu.TESTED[1]) == []  # keyed by release: not checked where it does not apply
+    problems = cpu.check("0.20.1")
+    assert len(problems) == 1 and "no_such_function does not exist" in problems[0] and "'gone'" in problems[0]
+    with pytest.raises(RuntimeError, match="no_such_function"):
+        cpu.verify("0.20.1")
+    assert any("older than 0.16.1" in p for p in cpu.check("0.15.0"))
 
 
 def test_compat_redirects_cuda_only_without_gpu(groups):
@@ -200,3 +258,19 @@ def test_model_matches_float64_reference(groups):
     x = rms(x, w["decoder.final_layernorm.weight"])
     ref = x @ w["embedding.word_embeddings.weight"][:128].t()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gptmodel_deprecation_line_dropped_and_nothing_else(groups, caplog):
+    """megatron-core 0.19 logs "GPTModel IS DEPRECATED" per GPTModel built; compat/quiet.py drops that
+    record only (0.16.1 never logs it: there the first half checks nothing)."""
+    import logging
+
+    from megatron_opcd.models import build_model
+
+    name = "megatron.core.models.gpt.gpt_model"
+    with caplog.at_level(logging.WARNING):
+        build_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=64), "student",
+                    groups=groups)
+        logging.getLogger(name).warning("another GPTModel warning")
+    texts = [r.getMessage() for r in caplog.records if r.name == name]
+    assert texts == ["another GPTModel warning"]

@@ -1,13 +1,21 @@
-"""Run megatron-core 0.16.1 on machines without CUDA (development boxes, CI).
+"""Run megatron-core on machines without CUDA (development boxes, CI), keyed by version.
 
-megatron-core assumes CUDA in a few dozen places (measured list: ../shared/docs/platform-facts.md).
-`apply()` patches exactly those, and only when `torch.cuda.is_available()` is False; on a GPU host
-it does nothing. Each patch below names the megatron-core file it serves and why. Nothing outside
-`megatron_opcd/compat/` knows about these patches; `check()` (run by the tests) fails loudly if a
-target disappeared after a megatron-core upgrade.
+megatron-core assumes CUDA in a few dozen places (measured list: docs/compatibility.md and
+../shared/docs/platform-facts.md). `apply()` patches exactly those, and only when
+`torch.cuda.is_available()` is False; on a GPU host it does nothing. Nothing outside
+`megatron_opcd/compat/` knows about these patches.
 
-Patches (megatron-core 0.16.1):
-  1. `_CudaToCpuMode`, a TorchFunctionMode pushed once: tensor factories called with
+`PATCHES` lists each patch with the megatron-core releases it applies to (a PEP 440 specifier)
+and the megatron-core names it serves (`targets`). `check()` resolves every target of every patch
+that applies to the installed release and reports what no longer exists. Measured on the releases
+CI runs (`TESTED`: 0.16.1 on Python 3.11, 0.19.2 on Python 3.12); a release CI has not run (an
+untested one inside setup.py's range, or a newer one) runs with a one-time warning naming the
+targets that were checked, not a refusal: its new CUDA assumptions, if any, fail where they are
+hit, with torch's CUDA error ("Torch not compiled with CUDA enabled" from a CPU build, "Found no
+NVIDIA driver" from a CUDA build).
+
+The patches:
+  cuda_to_cpu_mode  `_CudaToCpuMode`, a TorchFunctionMode pushed once: tensor factories called with
      `device="cuda"` / `device=torch.cuda.current_device()` and `Tensor.cuda()` / `.to("cuda")`
      land on the CPU. Serves pipeline_parallel/schedules.py (`total_num_tokens`),
      p2p_communication.py, tensor_parallel/{mappings,layers,utils,data}.py, transformer/utils.py
@@ -17,28 +25,40 @@ Patches (megatron-core 0.16.1):
      optimizer/clip_grads.py (`clip_grad_by_total_norm_fp32`) asserts
      `param.grad.type() == 'torch.cuda.FloatTensor'` and optimizer/optimizer.py
      (Float16OptimizerWithFloat16Params) accepts only CUDA type names.
-  2. `torch.cuda.current_device` returns the CPU device (used as `device=` everywhere above).
-  3. `torch.cuda.synchronize` is a no-op: p2p_communication.py, dist_checkpointing/strategies/
-     filesystem_async.py (no streams exist on the CPU, so there is nothing to wait for).
-  4. `torch.cuda.Event` is an event that is always complete: inference/text_generation_controller.py,
-     models/common/model_chunk_schedule_plan.py.
-  5. The "CUDA" RNG is the CPU default generator: `torch.cuda.{get_rng_state,set_rng_state,
+  current_device  `torch.cuda.current_device` returns the CPU device (used as `device=` everywhere
+     above).
+  synchronize  `torch.cuda.synchronize` is a no-op: p2p_communication.py, dist_checkpointing/
+     strategies/filesystem_async.py (no streams exist on the CPU, so there is nothing to wait for).
+  event  `torch.cuda.Event` is an event that is always complete: inference/
+     text_generation_controller.py, models/common/model_chunk_schedule_plan.py.
+  rng  The "CUDA" RNG is the CPU default generator: `torch.cuda.{get_rng_state,set_rng_state,
      manual_seed}` and tensor_parallel/random.py's `_get_cuda_rng_state` / `_set_cuda_rng_state`
      (the stock setter silently queues a lazy call that never runs without CUDA). With this,
      `CudaRNGStatesTracker.fork()` really swaps the generator that CPU ops draw from, so
      model-parallel seeds behave as on GPU. Its warning "CPU RNG state changed within GPU RNG
      context" is then expected and filtered.
+  current_stream  (0.17 on; measured on 0.19.2) `torch.cuda.current_stream()` is a stream on which
+     everything is already complete: distributed/param_and_grad_buffer.py's
+     `_ParamAndGradBucketGroup.start_grad_sync` asks for it on every gradient reduction (0.16.1
+     does not). Applied from 0.17 because 0.17/0.18 are in range but not measured, and the stand-in
+     only replaces a call that would raise without CUDA.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-MEGATRON_CORE_VERSION = "0.16.1"
+# The range setup.py declares (tests/test_models.py checks they agree) and the releases CI runs.
+SUPPORTED = ">=0.16.1,<0.20"
+TESTED = ("0.16.1", "0.19.2")
 
 _applied = False
 
@@ -101,6 +121,34 @@ class _CompletedEvent:
         return 0.0
 
 
+class _CompletedStream:
+    """Stands in for torch.cuda.current_stream() on the CPU: nothing is queued, nothing waits
+    (patch current_stream)."""
+
+    device = torch.device("cpu")
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _CompletedEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class _ExpectedForkWarning(logging.Filter):
     """Drop tensor_parallel/random.py's warning that is expected once patch 5 is in place."""
 
@@ -117,42 +165,149 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-def _targets():
-    """The megatron-core attributes the patches rely on; `check()` verifies each still exists."""
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.pipeline_parallel import schedules
+def _install_cuda_to_cpu_mode():
+    # Pushed for the life of the process (and inherited by autograd's backward pass).
+    _CudaToCpuMode().__enter__()
+
+
+def _install_current_device():
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+def _install_synchronize():
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _install_event():
+    torch.cuda.Event = _CompletedEvent
+
+
+def _install_rng():
     from megatron.core.tensor_parallel import random as tp_random
 
-    return {
-        "megatron.core.tensor_parallel.random._get_cuda_rng_state": (tp_random, "_get_cuda_rng_state"),
-        "megatron.core.tensor_parallel.random._set_cuda_rng_state": (tp_random, "_set_cuda_rng_state"),
-        "megatron.core.tensor_parallel.random.CudaRNGStatesTracker": (tp_random, "CudaRNGStatesTracker"),
-        "megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining": (
-            schedules,
-            "forward_backward_no_pipelining",
-        ),
-        "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32": (
-            clip_grads,
-            "clip_grad_by_total_norm_fp32",
-        ),
-    }
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    tp_random._get_cuda_rng_state = _cpu_get_rng_state
+    tp_random._set_cuda_rng_state = _cpu_set_rng_state
+    logging.getLogger(tp_random.__name__).addFilter(_ExpectedForkWarning())
 
 
-def check() -> list[str]:
-    """Return what no longer matches the megatron-core these patches were written for (empty: all good)."""
+def _install_current_stream():
+    stream = _CompletedStream()
+    torch.cuda.current_stream = lambda device=None: stream
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One CPU patch: the megatron-core releases it applies to and the names it serves."""
+
+    name: str
+    versions: str  # PEP 440 specifier over megatron-core releases
+    targets: tuple[str, ...]  # dotted megatron-core names; each must exist where the patch applies
+    install: Callable[[], None]
+
+
+_MP = "megatron.core."
+# Installed in this order (the mode last: the installs above it must not be redirected).
+PATCHES = (
+    Patch("current_device", ">=0.16.1", (_MP + "tensor_parallel.layers.ColumnParallelLinear",
+                                         _MP + "tensor_parallel.mappings.gather_from_tensor_model_parallel_region"),
+          _install_current_device),
+    Patch("synchronize", ">=0.16.1", (_MP + "pipeline_parallel.p2p_communication",
+                                      _MP + "dist_checkpointing.strategies.filesystem_async.FileSystemWriterAsync"),
+          _install_synchronize),
+    Patch("event", ">=0.16.1", (_MP + "models.common.model_chunk_schedule_plan",), _install_event),
+    Patch("rng", ">=0.16.1", (_MP + "tensor_parallel.random._get_cuda_rng_state",
+                              _MP + "tensor_parallel.random._set_cuda_rng_state",
+                              _MP + "tensor_parallel.random.CudaRNGStatesTracker"),
+          _install_rng),
+    Patch("current_stream", ">=0.17", (_MP + "distributed.param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync",),
+          _install_current_stream),
+    Patch("cuda_to_cpu_mode", ">=0.16.1", (_MP + "pipeline_parallel.schedules.forward_backward_no_pipelining",
+                                           _MP + "optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+                                           _MP + "transformer.utils.get_default_causal_mask"),
+          _install_cuda_to_cpu_mode),
+)
+
+_warned = False
+
+
+def installed_version() -> str:
+    """megatron-core's release, without a local part: its `__version__` appends the short commit of
+    the git checkout it is imported from (0.19.2 run inside this repository says "0.19.2+0defc31")."""
     import megatron.core
+    from packaging.version import Version
 
+    return Version(str(getattr(megatron.core, "__version__", "0"))).public
+
+
+def resolve(dotted: str):
+    """The object a dotted name denotes: the longest importable module prefix, then attributes.
+    Raises AttributeError/ImportError naming the missing piece."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module of {dotted} imports")
+
+
+def patches_for(version: str) -> list[Patch]:
+    """The patches that apply to megatron-core `version` (a release past the range gets every patch
+    without an upper bound: its CUDA assumptions are presumed to be the newest measured ones)."""
+    from packaging.specifiers import SpecifierSet
+
+    return [p for p in PATCHES if SpecifierSet(p.versions).contains(version, prereleases=True)]
+
+
+def check(version: str | None = None) -> list[str]:
+    """What no longer matches for the installed megatron-core (or `version`'s patches checked against
+    the installed one): a target that does not exist, or a release older than the range. Empty: all
+    good."""
+    from packaging.version import Version
+
+    version = version or installed_version()
     problems = []
-    version = getattr(megatron.core, "__version__", None)
-    if version != MEGATRON_CORE_VERSION:
-        problems.append(
-            f"megatron-core {version} is installed; megatron_opcd/compat/cpu.py was written for "
-            f"{MEGATRON_CORE_VERSION}: re-measure its CUDA assumptions before upgrading the pin"
-        )
-    for name, (module, attr) in _targets().items():
-        if not hasattr(module, attr):
-            problems.append(f"{name} no longer exists: the CPU patch for it does not apply")
+    if Version(version) < Version(TESTED[0]):
+        problems.append(f"megatron-core {version} is older than {TESTED[0]}, the oldest release this package "
+                        f"supports ({SUPPORTED}): upgrade megatron-core")
+    for patch in patches_for(version):
+        for target in patch.targets:
+            try:
+                resolve(target)
+            except (ImportError, AttributeError) as exc:
+                problems.append(f"{target} does not exist in megatron-core {version} ({type(exc).__name__}: {exc}): "
+                                f"the CPU patch {patch.name!r} does not apply")
     return problems
+
+
+def untested_note(version: str) -> str | None:
+    """The one-time warning for a release CI has not run (None for a tested one)."""
+    if version in TESTED:
+        return None
+    checked = sorted({t for p in patches_for(version) for t in p.targets})
+    return (f"megatron-core {version} is not a release this package was tested on ({', '.join(TESTED)}); "
+            f"the CPU patches ({', '.join(p.name for p in patches_for(version))}) were checked to still find "
+            f"their targets ({', '.join(checked)}), but CUDA assumptions new in {version} are not patched: "
+            "if one is hit, it fails there with torch's CUDA error ('Torch not compiled with CUDA enabled' "
+            "or 'Found no NVIDIA driver')")
+
+
+def verify(version: str) -> None:
+    """Raise if a patch for `version` cannot apply; warn once (per process) if CI never ran it."""
+    global _warned
+    problems = check(version)
+    if problems:
+        raise RuntimeError("megatron_opcd.compat: " + "; ".join(problems))
+    note = untested_note(version)
+    if note and not _warned:
+        _warned = True
+        warnings.warn(note, stacklevel=3)
 
 
 def apply() -> bool:
@@ -162,22 +317,10 @@ def apply() -> bool:
         return False
     if _applied:
         return True
-    problems = check()
-    if problems:
-        raise RuntimeError("megatron_opcd.compat: " + "; ".join(problems))
-    from megatron.core.tensor_parallel import random as tp_random
-
-    torch.cuda.current_device = lambda: torch.device("cpu")  # patch 2
-    torch.cuda.synchronize = lambda device=None: None  # patch 3
-    torch.cuda.Event = _CompletedEvent  # patch 4
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # patch 5
-    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    tp_random._get_cuda_rng_state = _cpu_get_rng_state
-    tp_random._set_cuda_rng_state = _cpu_set_rng_state
-    logging.getLogger(tp_random.__name__).addFilter(_ExpectedForkWarning())
-    # Patch 1, pushed for the life of the process (and inherited by autograd's backward pass).
-    _CudaToCpuMode().__enter__()
+    version = installed_version()
+    verify(version)
+    for patch in patches_for(version):
+        patch.install()
     _applied = True
     return True
 

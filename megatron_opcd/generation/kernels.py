@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_opcd import native
+from megatron_opcd.compat import mcore
 from megatron_opcd.generation.cache import KVCache
 
 
@@ -211,18 +212,16 @@ def check_supported(config) -> None:
 
 def _swaps(module, cache: KVCache, transposed: bool):
     """(parent, attribute name, replacement) for every leaf this stage's layers get while attached."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    ColumnParallelLinear, RowParallelLinear = mcore.local_linear_classes()
 
     config = module.config
     scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
     leaves = []
-    for layer in module.decoder.layers:
-        attn = layer.self_attention
-        yield attn, "core_attention", CachedCoreAttention(attn.layer_number, cache, scale,
-                                                          bool(config.rotary_interleaved))
-        leaves += [(attn, "linear_qkv"), (attn, "linear_proj"), (layer.mlp, "linear_fc1"), (layer.mlp, "linear_fc2")]
-    if getattr(module, "post_process", False):
-        leaves.append((module, "output_layer"))
+    for attn, linears in mcore.layer_swap_points(module):
+        if attn is not None:
+            yield attn, mcore.CORE_ATTENTION, CachedCoreAttention(attn.layer_number, cache, scale,
+                                                                  bool(config.rotary_interleaved))
+        leaves += linears
     for parent, name in leaves:
         linear = getattr(parent, name, None)
         if type(linear) is ColumnParallelLinear:  # exact classes: subclasses may do more

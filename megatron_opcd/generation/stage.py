@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opcd.compat import mcore
 from megatron_opcd.data.packing import response_rows
 from megatron_opcd.generation.cache import KVCache
 from megatron_opcd.generation.kernels import attach
@@ -55,16 +56,14 @@ def inference_mode(model):
     was_training = module.training
     sp = bool(getattr(module.config, "sequence_parallel", False))
     if sp:
-        from megatron.core.transformer.utils import set_model_to_sequence_parallel
-
-        set_model_to_sequence_parallel(module, False)
+        mcore.set_sequence_parallel(module, False)
     module.eval()
     try:
         with torch.no_grad(), redirect_suspended():
             yield module
     finally:
         if sp:
-            set_model_to_sequence_parallel(module, True)
+            mcore.set_sequence_parallel(module, True)
         module.train(was_training)
         if module.pre_process is False:
             module.set_input_tensor(None)  # drop the last received activation
@@ -84,7 +83,7 @@ class Rope:
                                       "(rope, learned_absolute and none are)")
         self.table = None
         if kind == "rope":
-            self.table = module.rotary_pos_emb(max_positions)[:, 0, 0, :]  # [n, d]
+            self.table = mcore.rotary_table(module, max_positions)  # [n, d]
 
     def __call__(self, position_ids: torch.Tensor) -> Optional[torch.Tensor]:
         if self.table is None:
@@ -123,13 +122,13 @@ def forward_stage(
         cache.set_inputs(attention_mask, rotary, heads_per_group, cfg.params_dtype)
         rotary = None  # the cache's attention rotates; megatron's layers must not rotate again
     if groups.is_first_stage:
-        hidden = module.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
+        hidden = mcore.embed(module, tokens, position_ids)  # [s, b, h]
     else:
         hidden = torch.empty(s, b, cfg.hidden_size, dtype=cfg.pipeline_dtype or cfg.params_dtype,
                              device=tokens.device)  # [s, b, h]
         dist.recv(hidden, src=_pp_peer(groups, -1), group=groups.pp_group)
         module.set_input_tensor(hidden)  # the block reads a non-first stage's input from here
-    out = module.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+    out = mcore.run_decoder(module, hidden, attention_mask, rotary)  # [s, b, h]
     if cache is not None:
         cache.end_forward(s)
     if not groups.is_last_stage:
@@ -139,8 +138,7 @@ def forward_stage(
         out = out[-1:]
     elif rows is not None:  # gather h numbers a position, not V: [s, b, h] -> [R, b, h]
         out = response_rows(out, rows)
-    weight = module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights else None
-    logits, _ = module.output_layer(out, weight=weight, runtime_gather_output=gather)  # [s or R, b, V or V/tp]
+    logits = mcore.output_logits(module, out, gather=gather)  # [s or R, b, V or V/tp]
     return logits if rows is not None else logits.transpose(0, 1).contiguous()  # [R, b, V] or [b, s, V]
 
 

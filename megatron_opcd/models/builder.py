@@ -164,13 +164,14 @@ def _apply_rope_scaling_details(model, cfg: ModelConfig) -> None:
         cfg.rope_original_max_position_embeddings,
     ) == (1.0, 4.0, 8192):
         return
-    rope = getattr(model, "rotary_pos_emb", None)
+    from megatron_opcd.compat import mcore
+
+    rope = mcore.rotary_embedding(model)
     if rope is None:
         return
-    dim = rope.inv_freq.numel() * 2
-    base = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
-    rope.inv_freq = rope._apply_scaling(
-        base,
+    mcore.rescale_rotary(
+        rope,
+        base=cfg.rotary_base,
         factor=cfg.rope_scaling_factor,
         low_freq_factor=cfg.rope_low_freq_factor,
         high_freq_factor=cfg.rope_high_freq_factor,

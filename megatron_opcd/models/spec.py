@@ -36,16 +36,14 @@ def layer_spec(model: ModelConfig, *, sequence_parallel: bool, num_layers_in_sta
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_opcd.compat import mcore
 
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
     if not sequence_parallel:
         return spec
-    sub = spec.submodules
-    sub.input_layernorm = SequenceParallelTorchNorm
-    sub.pre_mlp_layernorm = SequenceParallelTorchNorm
-    # The final norm comes from the block's submodules, not the layer spec: pass it explicitly.
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers_in_stage, layer_norm=SequenceParallelTorchNorm)
+    # The final norm comes from the block's submodules, not the layer spec: passed explicitly there.
+    return mcore.local_spec_with_norm(spec, SequenceParallelTorchNorm, num_layers_in_stage)
 
 
 def fp8_kwargs(model: ModelConfig) -> dict:

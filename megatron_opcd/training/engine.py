@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from megatron_opcd.compat import mcore
 from megatron_opcd.parallel import ParallelGroups
 
 
@@ -97,16 +98,14 @@ def zero_grads(model) -> None:
     the alias, then DDP's hook adds `.grad` to `main_grad` again). Megatron-LM's loop calls
     `optimizer.zero_grad()` for the same reason.
     """
-    if hasattr(model, "zero_grad_buffer"):
-        model.zero_grad_buffer()
+    mcore.zero_grad_buffer(model)
     for param in model.parameters():
         param.grad = None
 
 
 def main_grad(param: torch.Tensor) -> torch.Tensor | None:
     """The gradient megatron accumulated for `param` (DDP's main_grad, else .grad)."""
-    grad = getattr(param, "main_grad", None)
-    return grad if grad is not None else param.grad
+    return mcore.main_grad(param)
 
 
 @contextmanager
@@ -138,28 +137,27 @@ def response_outputs(model, index: torch.Tensor):
     from megatron_opcd.data.packing import response_rows
 
     module = unwrap(model)
-    layer = getattr(module, "output_layer", None) if getattr(module, "post_process", False) else None
+    layer = mcore.output_layer(module)
     config = getattr(module, "config", None)
     if layer is None or getattr(config, "mtp_num_layers", None):
         yield False
         return
     split = bool(getattr(layer, "sequence_parallel", False))
 
-    def gather(_layer, args):  # GPTModel hands the hidden states [S(/tp), b, h] over positionally
-        hidden = args[0]
+    def rows(hidden):  # GPTModel hands the hidden states [S(/tp), b, h] over positionally
         if split:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
                                                           group=layer.tp_group)  # [S, b, h]
             layer.sequence_parallel = False  # the rows are whole now: no second gather in the layer
-        return (response_rows(hidden, index), *args[1:])  # [R, b, h]
+        return response_rows(hidden, index)  # [R, b, h]
 
-    def transposed(_layer, _args, output):  # (logits [R, b, v], bias)
+    def logits(x):  # [R, b, v]
         layer.sequence_parallel = split
-        return (output[0].transpose(0, 1), *output[1:])
+        return x.transpose(0, 1)
 
-    handles = [layer.register_forward_pre_hook(gather), layer.register_forward_hook(transposed)]
+    handles = mcore.hook_output_layer(layer, hidden=rows, logits=logits)
     try:
         yield True
     finally:

@@ -52,7 +52,9 @@ def _variant(ckpts, tmp_path: Path, damage) -> Path:
 # --- vocabularies and tokenizers ---------------------------------------------------------------
 
 
-@pytest.mark.timeout(60)
+# 120 s: the first case imports megatron-core in this process (with the registry's CUDA build of
+# torch, Python 3.12, that took 60 s on a loaded 2-core box).
+@pytest.mark.timeout(120)
 def test_teacher_vocab_differs(tiny):
     rc, err = cli_in_process(tiny, "teacher.model.vocab_size=300")
     assert_clean_error(rc, err, "teacher.vocab_size=300 differs from model.vocab_size=200", "share one tokenizer")

@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "tqdm",
     "sentencepiece",
     "PyYAML",
+    # logging.tensorboard defaults to true: the trainer writes TensorBoard events (~55 MB installed).
+    "tensorboard",
 ]
 
 EXTRAS = {
@@ -54,5 +56,6 @@ setup(
     package_data={"megatron_opcd": ["prompts/*.txt", "demo/*.txt", "demo/*.jsonl"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["opcd-train=megatron_opcd.train:main", "opcd-generate=megatron_opcd.generate:main"]},
+    entry_points={"console_scripts": ["opcd-train=megatron_opcd.train:main", "opcd-generate=megatron_opcd.generate:main",
+                                      "opcd-evaluate=megatron_opcd.evaluate:main"]},
 )

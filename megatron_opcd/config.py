@@ -405,28 +405,30 @@ class ModelConfig:
 
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype]
 
-    def check_parallel(self, parallel: "ParallelConfig", role: str = "model") -> None:
-        """Reject splits this model cannot take; `role` names the config section in messages."""
+    def tp_sizes(self) -> list[int]:
+        """Tensor-parallel sizes this model can take (they divide the heads, query groups and FFN)."""
+        return [t for t in range(1, self.num_attention_heads + 1)
+                if not (self.num_attention_heads % t or self.query_groups % t or self.ffn_size % t)]
+
+    def pp_sizes(self) -> list[int]:
+        """Pipeline-parallel sizes this model can take (they divide the layers)."""
+        return [p for p in range(1, self.num_layers + 1) if not self.num_layers % p]
+
+    def check_parallel(self, parallel: "ParallelConfig", role: str = "model", *,
+                       tp_name: str = "parallel.tensor_model_parallel_size",
+                       pp_name: str = "parallel.pipeline_model_parallel_size") -> None:
+        """Reject splits this model cannot take; `role` names the config section in messages and
+        `tp_name`/`pp_name` the setting (a CLI passes its own flags, e.g. `--tp`)."""
         tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-        if self.num_attention_heads % tp:
-            raise ConfigError(
-                f"{role}.num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"parallel.tensor_model_parallel_size={tp}; choose a TP size that divides it"
-            )
-        if self.query_groups % tp:
-            raise ConfigError(
-                f"{role}.num_query_groups={self.query_groups} is not divisible by "
-                f"parallel.tensor_model_parallel_size={tp}; choose a TP size that divides it"
-            )
+        sizes = f"; TP sizes this model takes: {', '.join(map(str, self.tp_sizes()))}"
+        for field_name, value in (("num_attention_heads", self.num_attention_heads),
+                                  ("num_query_groups", self.query_groups), ("ffn_hidden_size", self.ffn_size)):
+            if value % tp:
+                raise ConfigError(f"{role}.{field_name}={value} is not divisible by {tp_name}={tp}{sizes}")
         if self.num_layers % pp:
             raise ConfigError(
-                f"{role}.num_layers={self.num_layers} is not divisible by "
-                f"parallel.pipeline_model_parallel_size={pp}; choose a PP size that divides it"
-            )
-        if self.ffn_size % tp:
-            raise ConfigError(
-                f"{role}.ffn_hidden_size={self.ffn_size} is not divisible by "
-                f"parallel.tensor_model_parallel_size={tp}"
+                f"{role}.num_layers={self.num_layers} is not divisible by {pp_name}={pp}; "
+                f"PP sizes this model takes: {', '.join(map(str, self.pp_sizes()))}"
             )
 
 

@@ -1,14 +1,22 @@
 """Sample from a megatron-opcd checkpoint: `python -m megatron_opcd.generate`.
 
     python -m megatron_opcd.generate --ckpt runs/step_100 --prompts prompts.jsonl --out samples.jsonl \
-        [--max-new-tokens 256] [--temperature 0.7 | --greedy] [--top-k 0] [--top-p 1.0] [--context ctx.txt]
+        [--max-new-tokens 256] [--temperature 0.7 | --greedy] [--top-k 0] [--top-p 1.0] \
+        [--chat] [--context ctx.txt [--context-placement system|user_prefix]]
     torchrun --nproc-per-node 4 -m megatron_opcd.generate --tp 2 --pp 2 --ckpt ... --prompts ... --out ...
 
 Prompts: one JSON object per line, `{"prompt": "text"}` (needs the checkpoint's tokenizer/) or
 `{"prompt_ids": [1, 2, 3]}`. Output: one line per prompt, in input order, with the prompt, the
-response text (when there is a tokenizer) and ids, the per-token log-probs and the finish reason.
-`--context FILE` is a shared prefix (text, or a JSON list of token ids) prefilled once and reused
-by every prompt. Ranks beyond TP x PP split the prompts (data parallel).
+model's input ids (`prompt_ids`, the context included), the response text (when there is a
+tokenizer) and ids, the per-token log-probs and the finish reason.
+
+Text prompts (and a text `--context FILE`) are rendered by the trainer's own PromptRenderer
+(megatron_opcd/data/render.py): with `--chat`, the tokenizer's chat template with the context as
+a system message (`--context-placement system`) or at the start of the user turn (`user_prefix`),
+exactly the teacher's input in training; without it, `context + separator + prompt` as plain text
+(the trainer's `data.chat_template=none`). Token ids (`prompt_ids`, a JSON list in the context
+file) are used as given, the context ids first. The token prefix shared by all prompts (e.g. the
+context) is prefilled once and reused. Ranks beyond TP x PP split the prompts (data parallel).
 """
 
 from __future__ import annotations
@@ -26,7 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="checkpoint folder written by megatron_opcd (model_config.yaml, model/)")
     p.add_argument("--prompts", required=True, help='JSONL: {"prompt": "..."} or {"prompt_ids": [...]} per line')
     p.add_argument("--out", required=True, help="JSONL written with one result per prompt")
-    p.add_argument("--context", help="shared prefix: a text file, or a JSON list of token ids")
+    p.add_argument("--context", help="the context: a text file (rendered as the trainer places it), or a JSON list "
+                                     "of token ids (a raw prefix)")
+    p.add_argument("--chat", action="store_true",
+                   help="render text prompts with the tokenizer's chat template (as the trainer does)")
+    p.add_argument("--context-placement", choices=["system", "user_prefix"], default="system",
+                   help="with --chat: the context as a system message, or at the start of the user turn "
+                        "(the trainer's context.placement)")
+    p.add_argument("--context-separator", default="\n\n",
+                   help="between a user_prefix (or plain-text) context and the prompt (context.separator)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--temperature", type=float, default=1.0)
@@ -51,7 +67,8 @@ def _error(message: str):
 
 
 def read_prompts(path: str | Path, tokenizer, vocab_size: int) -> list[dict]:
-    """[{"index", "prompt" (text or None), "prompt_ids"}] from a JSONL file; one-line errors with file:line."""
+    """[{"index", "prompt" (text or None), "prompt_ids" (given ids or None)}] from a JSONL file;
+    one-line errors with file:line. Text prompts are rendered later (`render_inputs`)."""
     from megatron_opcd.data.prompts import jsonl_objects
 
     rows = []
@@ -70,19 +87,19 @@ def read_prompts(path: str | Path, tokenizer, vocab_size: int) -> list[dict]:
             if tokenizer is None:
                 raise _error(f'{where}: text prompts need a tokenizer, and the checkpoint has no tokenizer/ folder; '
                              'give {"prompt_ids": [...]} instead')
-            text = obj["prompt"]
-            ids = tokenizer.encode(text)
+            text, ids = obj["prompt"], None
         else:
             raise _error(f'{where}: needs a "prompt" (text) or "prompt_ids" (list of token ids) field')
-        rows.append({"index": len(rows), "prompt": text, "prompt_ids": ids})
+        rows.append({"index": len(rows), "prompt": text, "prompt_ids": ids, "where": where})
     if not rows:
         raise _error(f"prompts file {path} holds no prompts")
     return rows
 
 
-def read_context(path: Optional[str], tokenizer, vocab_size: int) -> Optional[list[int]]:
+def read_context(path: Optional[str], tokenizer, vocab_size: int):
+    """(text, None) for a text context, (None, ids) for a JSON list of ids, (None, None) without one."""
     if path is None:
-        return None
+        return None, None
     p = Path(path)
     if not p.is_file():
         raise _error(f"context file {p} does not exist")
@@ -95,10 +112,54 @@ def read_context(path: Optional[str], tokenizer, vocab_size: int) -> Optional[li
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise _error(f"{p}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
-        return ids or None
+        return None, (ids or None)
     if tokenizer is None:
         raise _error(f"{p}: a text context needs a tokenizer and the checkpoint has none; give a JSON list of ids")
-    return tokenizer.encode(text) or None
+    text = text.strip()
+    if not text:
+        raise _error(f"context file {p} is empty")
+    return text, None
+
+
+def make_renderer(args: argparse.Namespace, tokenizer, max_positions: int):
+    """The trainer's PromptRenderer with this command's settings (chat template, placement, separator)."""
+    from megatron_opcd.config import ConfigError
+    from megatron_opcd.data.render import PromptRenderer
+
+    if tokenizer is None:
+        return None
+    if args.chat and not tokenizer.has_chat_template:
+        raise ConfigError(f"--chat: the checkpoint's tokenizer ({tokenizer.name}) has no chat template; "
+                          "drop --chat to render plain text")
+    return PromptRenderer(tokenizer, use_chat_template=args.chat, placement=args.context_placement,
+                          separator=args.context_separator, max_prompt_tokens=max_positions,
+                          max_context_tokens=max_positions, max_total_tokens=max_positions, too_long="error")
+
+
+def render_inputs(rows: list[dict], renderer, context_text: Optional[str], context_ids: Optional[list[int]],
+                  *, chat: bool) -> list[list[int]]:
+    """The model's input ids per prompt row: text through `renderer` (the teacher's rendering with
+    a text context, the student's without), token ids as given (after the context ids)."""
+    out = []
+    for row in rows:
+        if row["prompt_ids"] is None:  # text
+            if context_ids is not None:
+                if chat:
+                    raise _error("--chat places a text context in the chat template; the --context file holds "
+                                 "token ids (give the context as text)")
+                out.append(list(context_ids) + renderer.tok.encode(row["prompt"]))
+            elif context_text is not None:
+                out.append(renderer.teacher(row["prompt"], context_text))
+            else:
+                out.append(renderer.student(row["prompt"]))
+        else:
+            if chat:
+                raise _error(f'{row["where"]}: --chat renders text prompts with the chat template; give '
+                             '{"prompt": "..."} instead of prompt_ids')
+            ctx = context_ids if context_ids is not None else (
+                renderer.tok.encode(context_text) if context_text is not None else [])
+            out.append(list(ctx) + list(row["prompt_ids"]))
+    return out
 
 
 def _tokenizer(ckpt: Path):
@@ -115,16 +176,26 @@ def run(args: argparse.Namespace) -> None:
     from megatron_opcd import parallel
     from megatron_opcd.checkpointing import load_model_weights, read_model_config
     from megatron_opcd.config import ConfigError, ParallelConfig
+    from megatron_opcd.data.render import common_prefix
     from megatron_opcd.generation import SamplingParams, generate, prefill_prefix
     from megatron_opcd.models import build_model
 
     ckpt = Path(args.ckpt)
     cfg = read_model_config(ckpt)  # CheckpointError (one line) if it is not a checkpoint
+    # The split is checked before any rank work, in this command's own flags.
+    cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
+                       role="model", tp_name="--tp", pp_name="--pp")
     tokenizer = _tokenizer(ckpt)
     if args.stop and tokenizer is None:
         raise ConfigError("--stop needs the checkpoint's tokenizer to decode responses; it has no tokenizer/ folder")
+    if args.chat and tokenizer is None:
+        raise ConfigError("--chat needs the checkpoint's tokenizer (its chat template); it has no tokenizer/ folder")
     prompts = read_prompts(args.prompts, tokenizer, cfg.vocab_size)
-    context = read_context(args.context, tokenizer, cfg.vocab_size)
+    context_text, context_ids = read_context(args.context, tokenizer, cfg.vocab_size)
+    renderer = make_renderer(args, tokenizer, cfg.max_position_embeddings)
+    for row, ids in zip(prompts, render_inputs(prompts, renderer, context_text, context_ids, chat=args.chat)):
+        row["prompt_ids"] = ids
+        del row["where"]
     try:
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -136,11 +207,11 @@ def run(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
     longest = max(prompts, key=lambda r: len(r["prompt_ids"]))
-    total = len(context or []) + len(longest["prompt_ids"]) + params.max_new_tokens
+    total = len(longest["prompt_ids"]) + params.max_new_tokens
     if total > cfg.max_position_embeddings:
         raise ConfigError(
-            f"prompt {longest['index']} of {args.prompts} ({len(longest['prompt_ids'])} tokens) + context "
-            f"({len(context or [])}) + --max-new-tokens ({params.max_new_tokens}) = {total} exceeds the model's "
+            f"prompt {longest['index']} of {args.prompts} ({len(longest['prompt_ids'])} tokens with the context and "
+            f"template) + --max-new-tokens ({params.max_new_tokens}) = {total} exceeds the model's "
             f"max_position_embeddings={cfg.max_position_embeddings}; lower --max-new-tokens or shorten the inputs"
         )
 
@@ -149,14 +220,17 @@ def run(args: argparse.Namespace) -> None:
     load_model_weights(model, ckpt)
     decode = tokenizer.decode if tokenizer is not None else None
     mine = prompts[groups.dp_rank :: groups.dp_size]
-    prefix = prefill_prefix(model, context, groups=groups) if context else None
+    # The prefix all of this replica's inputs share (the context, the template's head), prefilled once.
+    shared = common_prefix([r["prompt_ids"] for r in mine]) if len(mine) > 1 else []
+    prefix = prefill_prefix(model, shared, groups=groups) if shared else None
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     bar = _bar(len(prompts), is_writer and not args.no_progress)
     results, tokens, start = [], 0, time.perf_counter()
     for i in range(0, len(mine), args.batch_size):
         batch = mine[i : i + args.batch_size]
         # One seed per batch: reproducible whatever the batch, different across batches.
-        out = generate(model, [r["prompt_ids"] for r in batch], _with_seed(params, args.seed + i), groups=groups,
+        out = generate(model, [r["prompt_ids"][len(shared):] for r in batch], _with_seed(params, args.seed + i),
+                       groups=groups,
                        vocab_size=cfg.vocab_size, prefix=prefix, decode=decode,
                        progress=bar is not None and len(mine) <= args.batch_size)  # one batch: a bar per step
         for row, resp, lps, reason in zip(batch, out.responses, out.logprobs, out.finish_reasons):

@@ -144,14 +144,15 @@ def _convert_rank(hf_dir: str, out_dir: str, cfg_dict: dict, tp: int, pp: int, s
 
 def hf_to_megatron(hf_path_or_model: Any, out_dir: str | Path, tp: int = 1, pp: int = 1,
                    dtype: Optional[str] = None, *, make_vocab_size_divisible_by: int = 128,
-                   tokenizer: Any = None, timeout: float = 3600.0) -> Path:
+                   tokenizer: Any = None, source: Optional[str] = None, timeout: float = 3600.0) -> Path:
     """Convert an HF Llama / Qwen2 / Qwen3 model to a megatron-opcd checkpoint at TP x PP.
 
     `hf_path_or_model`: an HF folder (config.json + safetensors) or an in-memory
     `*ForCausalLM` (written to a temporary folder shard by shard first: `save_pretrained`
     refuses models loaded from GGUF). `dtype`: bf16 | fp32; default: fp32 if the HF weights are
     fp32, else bf16. `tokenizer`: a folder or an HF tokenizer object, for in-memory models (a
-    folder's own tokenizer files are always taken). Runs TP x PP local ranks; returns `out_dir`.
+    folder's own tokenizer files are always taken). `source`: what an in-memory model was read
+    from (e.g. a GGUF file), recorded as `converted_from`. Runs TP x PP local ranks; returns `out_dir`.
     """
     out = Path(out_dir)
     _check_out_dir(out)
@@ -175,7 +176,8 @@ def hf_to_megatron(hf_path_or_model: Any, out_dir: str | Path, tp: int = 1, pp: 
         check_layout(cfg, tp, pp)
         side = tmp / "side"
         copied = hf_files.copy_side_files(hf_dir, side, include_config=True)
-        meta = {"converted_from": str(hf_path_or_model) if isinstance(hf_path_or_model, (str, Path)) else "memory",
+        meta = {"converted_from": str(hf_path_or_model) if isinstance(hf_path_or_model, (str, Path))
+                else source or "memory",
                 "hf_model_type": hf_cfg["model_type"], "tp": tp, "pp": pp}
         results = run_conversion_ranks(
             _convert_rank, tp * pp,

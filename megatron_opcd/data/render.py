@@ -83,12 +83,16 @@ class PromptRenderer:
         context_len = len(teacher) - len(student)
         if len(teacher) <= budget and context_len <= self.max_context_tokens:
             return RenderedPair(student, teacher)
+        over_positions = len(teacher) > budget
         what = (f"context + prompt = {len(teacher)} tokens (+ {self.max_new} new) exceeds the model's "
-                f"{self.max_total} positions" if len(teacher) > budget else
+                f"{self.max_total} positions" if over_positions else
                 f"context of ~{context_len} tokens exceeds data.max_context_tokens={self.max_context_tokens}")
         if self.too_long == "error":
-            raise DataError(f"{what}; set data.too_long=truncate_context|skip, shorten the context, "
-                            "or raise generation.max_new_tokens/model.max_position_embeddings")
+            # The knob that makes room: fewer new tokens or more positions for the first case,
+            # the context limit itself for the second (raising max_new_tokens would only make it worse).
+            knob = ("lower generation.max_new_tokens (or raise model.max_position_embeddings if the model allows)"
+                    if over_positions else "raise data.max_context_tokens")
+            raise DataError(f"{what}; shorten the context, {knob}, or set data.too_long=truncate_context|skip")
         if self.too_long == "skip":
             warnings.warn(f"skipping an example: {what}", stacklevel=2)
             return None

@@ -37,18 +37,13 @@ def gguf_path() -> Path:
 
 def load_hf_model(path: Path):
     """(model, tokenizer) from the GGUF file, dequantised to fp32 by transformers."""
+    from megatron_opcd.convert.gguf import load_gguf
+    from megatron_opcd.convert.mappings import ConversionError
+
     try:
-        import gguf  # noqa: F401 - transformers needs it to read the file
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise DemoError(f"{exc.name} is missing: pip install -e '.[hf]' (or run `make install`)") from None
-    hf_logging.set_verbosity_error()  # the GGUF reader's per-tensor notices
-    hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), tok
+        return load_gguf(path)
+    except ConversionError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def converted_checkpoint(out: Path, *, log=print) -> Path:
@@ -68,7 +63,7 @@ def converted_checkpoint(out: Path, *, log=print) -> Path:
     model, tok = load_hf_model(path)
     t1 = time.perf_counter()
     log(f"  model: converting to megatron-core (dist_checkpointing) in {out} ...")
-    hf_to_megatron(model, out, tp=1, pp=1, dtype="fp32", tokenizer=tok)
+    hf_to_megatron(model, out, tp=1, pp=1, dtype="fp32", tokenizer=tok, source=str(path))
     del model  # ~540 MB of fp32 weights the training ranks do not need
     log(f"  model: loaded in {t1 - t0:.0f} s, converted in {time.perf_counter() - t1:.0f} s")
     return out

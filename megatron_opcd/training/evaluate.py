@@ -3,8 +3,12 @@
 - `eval_kl`: the student answers greedily without the context; the teacher scores the same
   responses with the context; the exact per-token KL(student || teacher) over the whole vocabulary
   (what OPCD drives down), averaged over response tokens.
-- with `evaluation.task`: the task's accuracy of the student without the context (and, on the
-  first evaluation, of the teacher with it), through `megatron_opcd.evaluation`.
+- with `evaluation.task`: the task's accuracy of the student's responses without the context
+  (the task of `megatron_opcd.evaluation`, built and checked once by training/preflight.py).
+- the samples (prompt, response, grade), which the trainer appends to eval_samples.jsonl.
+
+A checkpoint is evaluated with and without the context, with samples, by
+`python -m megatron_opcd.evaluate` (on megatron_opcd.evaluation.runner).
 """
 
 from __future__ import annotations
@@ -64,25 +68,35 @@ def _kl_sums(trainer, examples, step: int, buf: torch.Tensor) -> list[list[int]]
     return responses
 
 
-def evaluate(trainer, step: int) -> dict:
+def evaluate(trainer, step: int) -> tuple[dict, list[dict]]:
+    """(metrics, samples): the KL (and the task's accuracy), and per held-out prompt the student's
+    greedy response (and its grade), gathered over data-parallel replicas in example order."""
     examples = _eval_examples(trainer)
     was_training = trainer.student.training
     trainer.student.eval()
     try:
         kl, responses = eval_kl(trainer, examples, step)
         metrics = {"kl": kl}
-        cfg = trainer.cfg.evaluation
-        if cfg.task:
+        texts = [trainer.tokenizer.decode(r) for r in responses]
+        samples = [{"step": step, "index": e.index, "prompt": e.prompt, "response": t}
+                   for e, t in zip(examples, texts)]
+        task = getattr(trainer, "eval_task", None)
+        if task is None and trainer.cfg.evaluation.task:
             from megatron_opcd.evaluation import get_task
 
-            task = get_task(cfg.task, **cfg.task_args)
-            texts = [trainer.tokenizer.decode(r) for r in responses]
-            scores = torch.tensor([float(task.grade(t, e)) for t, e in zip(texts, examples)] or [0.0],
-                                  dtype=torch.float64)
-            agg = torch.tensor([scores.sum().item(), float(len(texts))], dtype=torch.float64)
+            task = get_task(trainer.cfg.evaluation.task, **trainer.cfg.evaluation.task_args)
+        if task is not None:
+            grades = [float(task.grade(t, e)) for t, e in zip(texts, examples)]
+            for row, g in zip(samples, grades):
+                row["score"] = g
+            agg = torch.tensor([sum(grades), float(len(grades))], dtype=torch.float64)
             if trainer.groups.dp_size > 1:
                 dist.all_reduce(agg, group=trainer.groups.dp_group)
             metrics["accuracy"] = float(agg[0] / max(agg[1], 1))
+        if trainer.groups.dp_size > 1:
+            parts: list = [None] * trainer.groups.dp_size
+            dist.all_gather_object(parts, samples, group=trainer.groups.dp_group)
+            samples = [s for part in parts for s in part]  # replica order = example order
     finally:
         trainer.student.train(was_training)
-    return metrics
+    return metrics, samples

@@ -1,4 +1,13 @@
-"""Where metrics go (rank 0 only): a JSONL file, TensorBoard, Weights & Biases, the console."""
+"""Where metrics go (rank 0 only): a JSONL file, TensorBoard, Weights & Biases, the console.
+
+    LOG_DIR/metrics.jsonl        one line per training step and per evaluation ("split": train|eval)
+    LOG_DIR/eval_samples.jsonl   every evaluation's prompts, responses and grades ("step" says which)
+    LOG_DIR/tensorboard/         TensorBoard events (logging.tensorboard)
+
+The console: a progress bar with the step's loss/KL when it is on, one line per step when it is
+off; every evaluation is one line either way (written above the bar). `tools/plot_metrics.py`
+draws metrics.jsonl as a PNG.
+"""
 
 from __future__ import annotations
 
@@ -65,9 +74,20 @@ class MetricsLogger:
             self._bar.update(1)
             shown = {k: f"{numeric[k]:.4g}" for k in ("loss", "kl", "response_len", "tokens_per_s") if k in numeric}
             self._bar.set_postfix(shown)
-        elif self._bar is None:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in numeric.items())
-            print(f"[{prefix} step {step}] {shown}", flush=True)
+        else:
+            line = f"[{prefix} step {step}] " + " ".join(f"{k}={v:.4g}" for k, v in numeric.items())
+            if self._bar is not None:
+                self._bar.write(line, file=sys.stderr)  # above the bar, which stays at the bottom
+            else:
+                print(line, flush=True)
+
+    def samples(self, rows: list[dict], name: str = "eval_samples.jsonl") -> None:
+        """Append an evaluation's samples (one JSON object per line) to LOG_DIR/`name`."""
+        if not self.enabled or not rows:
+            return
+        with open(self.dir / name, "a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def info(self, message: str) -> None:
         if not self.enabled:

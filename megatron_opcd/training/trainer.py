@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,8 +38,8 @@ from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoi
 )
 from megatron_opcd.config import ConfigError, ModelConfig
 from megatron_opcd.data.packing import gather_response, pack
-from megatron_opcd.data.prompts import ContextSampler, DataError, Example, PromptStream, load_contexts, load_examples
-from megatron_opcd.data.render import PromptRenderer, common_prefix, shared_prefix
+from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream
+from megatron_opcd.data.render import common_prefix, shared_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups
@@ -56,6 +55,7 @@ from megatron_opcd.training.engine import (
 from megatron_opcd.training.metrics import MetricsLogger
 from megatron_opcd.training.objectives import MicroBatch, build_objective
 from megatron_opcd.training.optimizer import build_optimizer
+from megatron_opcd.training.preflight import preflight
 from megatron_opcd.training import state as ckpt_state
 
 
@@ -132,6 +132,8 @@ class Trainer:
             check_matches_checkpoint(cfg.model, read_model_config(pretrained), pretrained)
         self.model_config.check_parallel(cfg.parallel, role="model")
         self.tokenizer = self._load_tokenizer()
+        # Every check that needs no model, before any model is built (training/preflight.py).
+        checked = preflight(cfg, groups, model_config=self.model_config, tokenizer=self.tokenizer, rank=self.rank)
         student = build_model(self.model_config, "student", groups=groups, seed=cfg.parallel.seed)
         resume_from = self._resume_path()
         if resume_from is None and pretrained:
@@ -144,22 +146,15 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         )
         self.objective = build_objective(cfg, vocab_size=self.model_config.vocab_size, tp_group=groups.tp_group)
-        self.num_micro = cfg.check_batches(groups.dp_size)
+        self.num_micro = checked.num_micro
 
-        # --- data ---------------------------------------------------------------------------
-        self.contexts = load_contexts(cfg.context)
+        # --- data (read and checked by preflight) -------------------------------------------
+        self.contexts = checked.contexts
         self.sampler = ContextSampler(self.contexts, cfg.context.selection, cfg.data.seed)
-        max_total = min(self.model_config.max_position_embeddings,
-                        self.teacher_config.max_position_embeddings)
-        self.renderer = PromptRenderer(
-            self.tokenizer, use_chat_template=cfg.data.chat_template == "auto", placement=cfg.context.placement,
-            separator=cfg.context.separator, max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_context_tokens=cfg.data.max_context_tokens, max_total_tokens=max_total,
-            max_new_tokens=cfg.generation.max_new_tokens, too_long=cfg.data.too_long,
-        )
-        examples = self._fit_examples(load_examples(cfg.data.train))
-        self.stream = PromptStream(examples, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
-        self.eval_examples = load_examples(cfg.data.eval) if cfg.data.eval else None
+        self.renderer = checked.renderer
+        self.stream = PromptStream(checked.examples, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+        self.eval_examples = checked.eval_examples
+        self.eval_task = checked.task
 
         # --- logging and resume -------------------------------------------------------------
         self.log_dir = Path(log_dir or cfg.logging.dir or cfg.checkpoint.save or "runs/opcd")
@@ -220,30 +215,6 @@ class Trainer:
         if t.checkpoint:
             load_model_weights(teacher, t.checkpoint)
         return teacher
-
-    def _fit_examples(self, examples: list[Example]) -> list[Example]:
-        """Check every example against the length budget once, with its longest possible context."""
-        longest = max(self.contexts, key=len) if self.contexts else None
-        kept, skipped = [], 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for e in examples:
-                ctx = e.context if (self.cfg.context.selection == "per_example" and e.context) else longest
-                try:
-                    pair = self.renderer.pair(e.prompt, ctx)
-                except DataError as exc:  # over a token limit: name the line it came from
-                    raise DataError(f"{e.where}: {exc}" if e.where else str(exc)) from None
-                if pair is None:
-                    skipped += 1
-                else:
-                    kept.append(e)
-        if skipped and self.rank == 0:
-            warnings.warn(f"data.too_long=skip: {skipped} of {len(examples)} examples do not fit and are skipped",
-                          stacklevel=2)
-        if not kept:
-            raise ConfigError("no training example fits the length budget; raise model.max_position_embeddings "
-                              "or lower generation.max_new_tokens")
-        return kept
 
     @property
     def student(self):
@@ -520,8 +491,9 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         from megatron_opcd.training.evaluate import evaluate
 
-        metrics = evaluate(self, step)
+        metrics, samples = evaluate(self, step)
         self.logger.log(step, metrics, prefix="eval")
+        self.logger.samples(samples)
         return metrics
 
     def train(self) -> dict:

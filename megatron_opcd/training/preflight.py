@@ -1,0 +1,155 @@
+"""Everything about a training run that can be checked without a model, checked before any model
+is built (at 8B, building and loading the two models takes minutes; a typo in a file name must
+not wait for them).
+
+    checked = preflight(cfg, groups, model_config=..., tokenizer=...)     at the top of Trainer.__init__
+
+In order, each failure one line (ConfigError / DataError / TokenizerError) naming the setting:
+  1. batch arithmetic against the data-parallel size (global = k x micro x DP)
+  2. the teacher's model config (read from its checkpoint: no weights), its TP/PP split and vocabulary
+  3. the contexts (context.text/file/pool) and the prompt files (data.train, data.eval)
+  4. the evaluation task (evaluation.task + task_args) and, when it grades against answers, that
+     every evaluated example has one
+  5. the length budget of every training example with its longest context (data.too_long):
+     an error, skipped examples, or contexts that will be cut, said once here, loudly
+  6. resume compatibility: the spot marked RESUME below (training/state.py owns those checks)
+
+`Checked` hands what was read to the trainer, so nothing is read twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_opcd.config import ConfigError, ModelConfig
+from megatron_opcd.data.prompts import Example, load_contexts, load_examples
+from megatron_opcd.data.render import PromptRenderer
+
+
+@dataclass
+class Checked:
+    num_micro: int
+    """Micro-batches per step on one data-parallel rank."""
+    teacher_config: ModelConfig
+    contexts: list[str]
+    renderer: PromptRenderer
+    examples: list[Example]
+    """The training examples that fit the length budget."""
+    eval_examples: Optional[list[Example]]
+    task: object = None
+    """The evaluation task (megatron_opcd.evaluation.Task) or None."""
+
+
+def build_renderer(cfg, tokenizer, max_total_tokens: int) -> PromptRenderer:
+    """The trainer's PromptRenderer from its config (data.*, context.*, generation.max_new_tokens);
+    `python -m megatron_opcd.generate --chat` and `evaluate` render through the same class."""
+    return PromptRenderer(
+        tokenizer, use_chat_template=cfg.data.chat_template == "auto", placement=cfg.context.placement,
+        separator=cfg.context.separator, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_context_tokens=cfg.data.max_context_tokens, max_total_tokens=max_total_tokens,
+        max_new_tokens=cfg.generation.max_new_tokens, too_long=cfg.data.too_long,
+    )
+
+
+def teacher_config(cfg, model_config: ModelConfig, tokenizer=None) -> ModelConfig:
+    """The frozen teacher's architecture (its model_config.yaml; no weights read), or the student's;
+    its vocabulary, split and (when it travelled with the checkpoint) tokenizer checked."""
+    from megatron_opcd.checkpointing import read_model_config, tokenizer_dir
+    from megatron_opcd.models import check_same_vocabulary
+    from megatron_opcd.models.builder import check_same_tokenizer
+
+    t = cfg.teacher
+    if t.mode == "self":
+        return model_config
+    tc = t.model or read_model_config(t.checkpoint)
+    check_same_vocabulary(model_config, tc)
+    tc.check_parallel(cfg.parallel, role="teacher")
+    if tokenizer is not None and t.checkpoint and tokenizer_dir(t.checkpoint) is not None:
+        from megatron_opcd.data.tokenizer import load_tokenizer
+
+        check_same_tokenizer(tokenizer, load_tokenizer(tokenizer_dir(t.checkpoint)), f"{t.checkpoint}/tokenizer")
+    return tc
+
+
+def check_task(evaluation, examples: list[Example], where: str):
+    """The evaluation task, built once; ConfigError for an unknown task, bad arguments, or
+    examples without the "answer" its grader needs."""
+    if not evaluation.task:
+        return None
+    from megatron_opcd.evaluation import get_task
+
+    try:
+        task = get_task(evaluation.task, **evaluation.task_args)
+    except TypeError as exc:  # an argument the task does not take
+        raise ConfigError(f"evaluation.task_args for task {evaluation.task!r}: {exc}") from None
+    if getattr(task, "needs_answer", True):
+        missing = [e for e in examples[:evaluation.num_prompts] if e.answer is None]
+        if missing:
+            raise ConfigError(
+                f"evaluation.task={evaluation.task} grades against \"answer\", but line {missing[0].index + 1} of "
+                f"{where} has none; add an \"answer\" to every line or choose a task that needs none"
+            )
+    return task
+
+
+def fit_examples(examples: list[Example], renderer: PromptRenderer, contexts: list[str], selection: str,
+                 *, too_long: str, rank: int = 0) -> list[Example]:
+    """The examples that fit the length budget with their longest possible context. Contexts
+    that will be cut (data.too_long=truncate_context) or examples that will be skipped (skip)
+    are reported here, once, with the numbers; data.too_long=error raises on the first."""
+    from megatron_opcd.data.prompts import DataError
+
+    longest = max(contexts, key=len) if contexts else None
+    kept, skipped, cut = [], 0, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one summary below instead of one warning per example
+        for e in examples:
+            ctx = e.context if (selection == "per_example" and e.context) else longest
+            try:
+                pair = renderer.pair(e.prompt, ctx)
+            except DataError as exc:  # over a token limit: name the line it came from
+                raise DataError(f"{e.where}: {exc}" if getattr(e, "where", "") else str(exc)) from None
+            if pair is None:
+                skipped += 1
+                continue
+            kept.append(e)
+            if pair.truncated_context:
+                full = renderer.teacher(e.prompt, ctx)
+                cut.append(len(full) - len(pair.student))
+    if rank == 0 and skipped:
+        warnings.warn(f"data.too_long=skip: {skipped} of {len(examples)} examples do not fit and are skipped",
+                      stacklevel=2)
+    if rank == 0 and cut:
+        warnings.warn(
+            f"data.too_long=truncate_context: the context of {len(cut)} of {len(examples)} examples (up to "
+            f"~{max(cut)} tokens) does not fit data.max_context_tokens={renderer.max_context_tokens} or the model's "
+            f"{renderer.max_total} positions (with generation.max_new_tokens={renderer.max_new}) and will be CUT from "
+            "its end; raise data.max_context_tokens, shorten the context, or set data.too_long=error to stop instead",
+            stacklevel=2,
+        )
+    if not kept:
+        raise DataError("no training example fits the length budget; raise model.max_position_embeddings, "
+                        "lower generation.max_new_tokens, or shorten the prompts/contexts")
+    return kept
+
+
+def preflight(cfg, groups, *, model_config: ModelConfig, tokenizer, rank: int = 0) -> Checked:
+    """Run the checks of the module docstring; returns what they read. Call on every rank before
+    any model is built (every rank reads the same files and raises the same error)."""
+    num_micro = cfg.check_batches(groups.dp_size)
+    tc = teacher_config(cfg, model_config, tokenizer)
+    contexts = load_contexts(cfg.context)
+    if cfg.context.selection == "random" and not contexts:
+        raise ConfigError("context.selection=random needs context.pool (or text/file) with at least one context")
+    train = load_examples(cfg.data.train)
+    eval_examples = load_examples(cfg.data.eval) if cfg.data.eval else None
+    task = check_task(cfg.evaluation, eval_examples or train, cfg.data.eval or cfg.data.train)
+    max_total = min(model_config.max_position_embeddings, tc.max_position_embeddings)
+    renderer = build_renderer(cfg, tokenizer, max_total)
+    examples = fit_examples(train, renderer, contexts, cfg.context.selection, too_long=cfg.data.too_long, rank=rank)
+    # RESUME: the resume-compatibility checks (training/state.py: the checkpoint's model section and
+    # tokenizer against this config) belong here, before any model is built.
+    return Checked(num_micro=num_micro, teacher_config=tc, contexts=contexts, renderer=renderer, examples=examples,
+                   eval_examples=eval_examples, task=task)

@@ -42,6 +42,10 @@ def test_example_loads_and_matches_its_name(path):
     if path.stem == "tiny_cpu_tp2":
         assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.model.params_dtype == "fp32"
         return
+    if path.stem == "opcd_smollm2-135m_cpu_dp2":  # the shipped model on 2 CPU ranks (tests/test_user_path.py)
+        assert cfg.parallel.tensor_model_parallel_size == cfg.parallel.pipeline_model_parallel_size == 1
+        cfg.check_batches(2)
+        return
     assert m, f"{path.name}: the file name must state the topology (..._<N>n<G>g_tp<T>pp<P>)"
     nodes, gpus, tp, pp = map(int, m.groups())
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (tp, pp)

@@ -136,7 +136,11 @@ STEPS = 2
 
 
 def _program(cmd: list[str]) -> str:
-    return cmd[cmd.index("-m") + 1] if "-m" in cmd else Path(cmd[1]).stem + (f" {cmd[2]}" if len(cmd) > 2 else "")
+    """`megatron_opcd.train`, `plot_metrics`, `convert_checkpoint hf-to-megatron`, ..."""
+    if "-m" in cmd:
+        return cmd[cmd.index("-m") + 1]
+    name = Path(cmd[1]).stem
+    return f"{name} {cmd[2]}" if name == "convert_checkpoint" else name
 
 
 def _environment() -> dict:
@@ -155,7 +159,15 @@ def walk(tmp_path_factory):
         gguf = gguf_path()
     except DemoError as exc:
         pytest.skip(str(exc))
+    reuse = os.environ.get("OPCD_REUSE_WALK")  # debugging the assertions: a folder a previous walk left
+    if reuse:
+        work = Path(reuse)
+        saved = json.loads((work / "walk.json").read_text())
+        logs = {p: subprocess.CompletedProcess([], 0, (work / "logs" / f"{p}.out").read_text(),
+                                               (work / "logs" / f"{p}.err").read_text()) for p in saved}
+        return {"dir": work, "runs": work / "runs" / "smollm2", "logs": logs, "seconds": saved}
     work = tmp_path_factory.mktemp("walk")
+    (work / "logs").mkdir()
     for name in ("examples", "tools"):
         (work / name).symlink_to(REPO / name)
     (work / "two_prompts.jsonl").write_text('{"prompt": "What is the capital of Japan?"}\n'
@@ -179,8 +191,11 @@ def walk(tmp_path_factory):
         # Wall seconds and CPU seconds (children that were waited for: ranks, writers) per command.
         seconds[program] = (round(time.perf_counter() - start, 1),
                             round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1))
+        (work / "logs" / f"{program}.out").write_text(proc.stdout)
+        (work / "logs" / f"{program}.err").write_text(proc.stderr)
         assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{proc.stderr[-4000:]}"
         logs[program] = proc
+    (work / "walk.json").write_text(json.dumps(seconds))
     return {"dir": work, "runs": work / "runs" / "smollm2", "logs": logs, "seconds": seconds}
 
 

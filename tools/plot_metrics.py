@@ -73,6 +73,7 @@ def plot(metrics_path: str | Path, out: str | Path | None = None, wanted: list[s
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(metrics_path)
     data = read_metrics(path)
@@ -88,6 +89,7 @@ def plot(metrics_path: str | Path, out: str | Path | None = None, wanted: list[s
         ax.plot(steps, values, color="tab:orange" if split != "train" else "tab:blue", **style)
         ax.set_title(f"{split}/{metric}", fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         if metric == "accuracy":
             ax.set_ylim(-0.02, 1.02)

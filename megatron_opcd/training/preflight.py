@@ -7,7 +7,8 @@ not wait for them).
 In order, each failure one line (ConfigError / DataError / TokenizerError) naming the setting:
   1. batch arithmetic against the data-parallel size (global = k x micro x DP)
   2. the teacher's model config (read from its checkpoint: no weights), its TP/PP split and vocabulary
-  3. the contexts (context.text/file/pool) and the prompt files (data.train, data.eval)
+  3. the contexts (context.text/file/pool), the prompt files (data.train, data.eval), and a
+     context for every training example (context.selection)
   4. the evaluation task (evaluation.task + task_args) and, when it grades against answers, that
      every evaluated example has one
   5. the length budget of every training example with its longest context (data.too_long):
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_opcd.config import ConfigError, ModelConfig
-from megatron_opcd.data.prompts import Example, load_contexts, load_examples
+from megatron_opcd.data.prompts import ContextSampler, Example, load_contexts, load_examples
 from megatron_opcd.data.render import PromptRenderer
 
 
@@ -144,9 +145,9 @@ def preflight(cfg, groups, *, model_config: ModelConfig, tokenizer, rank: int = 
     num_micro = cfg.check_batches(groups.dp_size)
     tc = teacher_config(cfg, model_config, tokenizer)
     contexts = load_contexts(cfg.context)
-    if cfg.context.selection == "random" and not contexts:
-        raise ConfigError("context.selection=random needs context.pool (or text/file) with at least one context")
     train = load_examples(cfg.data.train)
+    # Every example has a context to give the teacher (the sampler raises otherwise, at step 1).
+    ContextSampler(contexts, cfg.context.selection, cfg.data.seed).for_batch(train, 0)
     eval_examples = load_examples(cfg.data.eval) if cfg.data.eval else None
     task = check_task(cfg.evaluation, eval_examples or train, cfg.data.eval or cfg.data.train)
     max_total = min(model_config.max_position_embeddings, tc.max_position_embeddings)

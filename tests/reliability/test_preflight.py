@@ -17,6 +17,7 @@ CASES = {
     "missing eval file": (["data.eval=/nonexistent/eval.jsonl"], ["/nonexistent/eval.jsonl does not exist"]),
     "missing context file": (["context.text=null", "context.file=/nonexistent/system.txt"],
                              ["context file /nonexistent/system.txt does not exist"]),
+    "no context for the teacher": (["context.text=null"], ["example 0 has no context", "context.text/file/pool"]),
     "unknown task": (["evaluation.task=nope"], ["unknown evaluation task 'nope'", "known tasks:"]),
     "task argument": (["evaluation.task=starts_with", "evaluation.task_args={prefixx: A}"],
                       ["task 'starts_with' takes no argument 'prefixx'"]),
@@ -33,7 +34,7 @@ def _no_model(*args, **kwargs):
     raise AssertionError("a model was built before a check that needs none")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("overrides,needles", list(CASES.values()), ids=list(CASES))
 def test_checked_before_any_model_is_built(tiny, monkeypatch, overrides, needles):
     import megatron_opcd.training.trainer as trainer
@@ -43,7 +44,7 @@ def test_checked_before_any_model_is_built(tiny, monkeypatch, overrides, needles
     assert_clean_error(rc, err, *needles)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_too_long_error_hint_names_the_right_knob(tiny):
     """A context over data.max_context_tokens: the fix is that limit, not generation.max_new_tokens
     (raising it would make a position overflow worse). Models may be built here: this checks the text."""
@@ -51,7 +52,7 @@ def test_too_long_error_hint_names_the_right_knob(tiny):
     assert rc == 1 and "raise generation.max_new_tokens" not in err and "raise data.max_context_tokens" in err
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_context_to_be_cut_is_said_at_load_time(tiny, monkeypatch):
     """data.too_long=truncate_context (the default): one loud warning with the numbers before any
     model is built, not only a warning at the first step."""

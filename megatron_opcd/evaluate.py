@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_opcd.data.render import PromptRenderer
     from megatron_opcd.data.tokenizer import load_tokenizer
     from megatron_opcd.evaluation import evaluate_task
+    from megatron_opcd.generate import check_layout
     from megatron_opcd.generation import SamplingParams
     from megatron_opcd.models import build_model
     from megatron_opcd.training.config import ContextConfig
@@ -85,8 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     # Everything that needs no model first: checkpoint config, split, tokenizer, task, data, sampling.
     ckpt = Path(args.ckpt)
     cfg = read_model_config(ckpt)
-    cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
-                       role="model", tp_name="--tp", pp_name="--pp")
+    check_layout(cfg, args.tp, args.pp)  # in --tp/--pp, before any rank work
     folder = tokenizer_dir(ckpt)
     if folder is None:
         raise ConfigError(f"{ckpt} has no tokenizer/ folder; evaluation decodes and grades text")

@@ -162,6 +162,23 @@ def render_inputs(rows: list[dict], renderer, context_text: Optional[str], conte
     return out
 
 
+def check_layout(cfg, tp: int, pp: int) -> None:
+    """The model's split and the launch's world size against --tp/--pp, in these flags' names,
+    before any rank work."""
+    import os
+
+    from megatron_opcd.config import ConfigError, ParallelConfig
+
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp and --pp must be >= 1, got --tp={tp} --pp={pp}")
+    cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                       role="model", tp_name="--tp", pp_name="--pp")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * pp):
+        raise ConfigError(f"--tp {tp} x --pp {pp} = {tp * pp} ranks, but {world} were launched; launch a multiple "
+                          f"of {tp * pp} (torchrun --nproc-per-node {tp * pp} -m ...)")
+
+
 def _tokenizer(ckpt: Path):
     from megatron_opcd.checkpointing import tokenizer_dir
     from megatron_opcd.data.tokenizer import load_tokenizer
@@ -182,9 +199,7 @@ def run(args: argparse.Namespace) -> None:
 
     ckpt = Path(args.ckpt)
     cfg = read_model_config(ckpt)  # CheckpointError (one line) if it is not a checkpoint
-    # The split is checked before any rank work, in this command's own flags.
-    cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
-                       role="model", tp_name="--tp", pp_name="--pp")
+    check_layout(cfg, args.tp, args.pp)  # before any rank work, in this command's own flags
     tokenizer = _tokenizer(ckpt)
     if args.stop and tokenizer is None:
         raise ConfigError("--stop needs the checkpoint's tokenizer to decode responses; it has no tokenizer/ folder")

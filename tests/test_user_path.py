@@ -322,3 +322,10 @@ def test_generate_tp_error_names_the_flag_and_the_sizes(walk, tmp_path):
     assert rc == 1
     assert err.getvalue().strip() == ("error: model.num_attention_heads=9 is not divisible by --tp=2; "
                                       "TP sizes this model takes: 1, 3")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # a split the model takes, on fewer ranks than it needs
+        rc = main(["--ckpt", str(walk["runs"] / "base"), "--prompts", str(tmp_path / "p.jsonl"), "--out", "x",
+                   "--tp", "3"])
+    assert rc == 1
+    assert err.getvalue().strip() == ("error: --tp 3 x --pp 1 = 3 ranks, but 1 were launched; launch a multiple of 3 "
+                                      "(torchrun --nproc-per-node 3 -m ...)")

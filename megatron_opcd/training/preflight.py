@@ -13,7 +13,8 @@ In order, each failure one line (ConfigError / DataError / TokenizerError) namin
      every evaluated example has one
   5. the length budget of every training example with its longest context (data.too_long):
      an error, skipped examples, or contexts that will be cut, said once here, loudly
-  6. resume compatibility: the spot marked RESUME below (training/state.py owns those checks)
+Resume compatibility (the checkpoint's model, optimizer, schedule and tokenizer against this
+config) is `training.state.check_resume`, which runs just before, at the top of Trainer.__init__.
 
 `Checked` hands what was read to the trainer, so nothing is read twice.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from megatron_opcd.config import ConfigError, ModelConfig
@@ -137,11 +137,9 @@ def fit_examples(examples: list[Example], renderer: PromptRenderer, contexts: li
     return kept
 
 
-def preflight(cfg, groups, *, model_config: ModelConfig, tokenizer, rank: int = 0,
-              resume_from: Optional[Path] = None) -> Checked:
+def preflight(cfg, groups, *, model_config: ModelConfig, tokenizer, rank: int = 0) -> Checked:
     """Run the checks of the module docstring; returns what they read. Call on every rank before
-    any model is built (every rank reads the same files and raises the same error).
-    `resume_from`: the checkpoint this run resumes from (Trainer._resume_path), if any."""
+    any model is built (every rank reads the same files and raises the same error)."""
     num_micro = cfg.check_batches(groups.dp_size)
     tc = teacher_config(cfg, model_config, tokenizer)
     contexts = load_contexts(cfg.context)
@@ -153,9 +151,5 @@ def preflight(cfg, groups, *, model_config: ModelConfig, tokenizer, rank: int = 
     max_total = min(model_config.max_position_embeddings, tc.max_position_embeddings)
     renderer = build_renderer(cfg, tokenizer, max_total)
     examples = fit_examples(train, renderer, contexts, cfg.context.selection, too_long=cfg.data.too_long, rank=rank)
-    if resume_from is not None:
-        # RESUME: the resume-compatibility checks (training/state.py: the checkpoint's model section
-        # and tokenizer against this config) are called here, before any model is built.
-        pass
     return Checked(num_micro=num_micro, teacher_config=tc, contexts=contexts, renderer=renderer, examples=examples,
                    eval_examples=eval_examples, task=task)

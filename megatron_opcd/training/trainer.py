@@ -132,11 +132,10 @@ class Trainer:
             check_matches_checkpoint(cfg.model, read_model_config(pretrained), pretrained)
         self.model_config.check_parallel(cfg.parallel, role="model")
         self.tokenizer = self._load_tokenizer()
-        resume_from = self._resume_path()
         # Every check that needs no model, before any model is built (training/preflight.py).
-        checked = preflight(cfg, groups, model_config=self.model_config, tokenizer=self.tokenizer, rank=self.rank,
-                            resume_from=resume_from)
+        checked = preflight(cfg, groups, model_config=self.model_config, tokenizer=self.tokenizer, rank=self.rank)
         student = build_model(self.model_config, "student", groups=groups, seed=cfg.parallel.seed)
+        resume_from = self._resume_path()
         if resume_from is None and pretrained:
             load_model_weights(student, pretrained)
         self.teacher = self._build_teacher()

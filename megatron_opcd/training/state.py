@@ -88,6 +88,13 @@ def _collective(fn: Callable[[], object]):
         raise (ConfigError if kind == "ConfigError" else CheckpointError)(message)
     return result
 
+# How megatron's distributed optimizer lays out its state in a checkpoint (the same on save and load).
+# Its default, 'fully_sharded_model_space', writes flattened ShardedTensors that the torch_dist
+# strategy of megatron-core 0.16 refuses ("ShardedTensor.flattened_range is not supported"): every
+# save at DP > 1 failed. 'dp_reshardable' is Megatron-LM's default: parallel, no gather, and a
+# resume may change the data-parallel size (not TP/PP). Other optimizers ignore it.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"step_{step:07d}"
@@ -509,7 +516,7 @@ def save_training_checkpoint(run_dir, step: int, *, model, optimizer, scheduler,
             target.mkdir(parents=True, exist_ok=True)
         if dist.is_initialized():
             dist.barrier()
-        sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""))
+        sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), metadata=OPTIMIZER_SHARDING)
         dist_checkpointing.save(sharded, str(target), async_sharded_save=False)
 
     def write_rng(tmp: Path) -> None:
@@ -549,7 +556,8 @@ def load_training_checkpoint(path, *, model, optimizer, scheduler, plan: Optiona
     module = unwrap(model)
     if optimizer is not None:
         try:
-            sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), is_loading=True)
+            sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), is_loading=True,
+                                                   metadata=OPTIMIZER_SHARDING)
             state = dist_checkpointing.load(sharded, str(path / "optimizer"))
             optimizer.load_state_dict(state)
         except _io_failures() as exc:  # torch's CheckpointException is a BaseException

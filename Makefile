@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f
 # One torch thread per process: on 2 shared cores oversubscription is 15x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test test-dispatch test-recipes install clean
+.PHONY: demo test test-dispatch test-recipes rehearsal install clean
 
 $(STAMP):
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m megatron_opcd.demo
+
+# Every example config of examples/ end to end on 4 CPU ranks through its sbatch script (tiny models,
+# fixture data): train + eval + checkpoint, SIGUSR1 preemption, resume, HF export. `make test` runs 3.
+rehearsal: $(STAMP)
+	OPCD_REHEARSAL=all $(VPY) -m pytest -q tests/test_rehearsal.py
 
 # The whole suite: the main environment, then the NeMo-Run recipes in their own (test-recipes).
 # pytest exits 5 when it collected no tests: that is a failure here.

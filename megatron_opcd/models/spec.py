@@ -44,6 +44,14 @@ def layer_spec(model: ModelConfig, *, sequence_parallel: bool, num_layers_in_sta
     sub = spec.submodules
     sub.input_layernorm = SequenceParallelTorchNorm
     sub.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if model.qk_layernorm:
+        # QK-norm (Qwen3) is the same WrappedTorchNorm and asserts too; it normalises this rank's
+        # heads over the whole sequence, and finalize_model_grads sums its gradient over TP by name
+        # (`q_layernorm`/`k_layernorm`), marked or not. Found by the rehearsal of the Qwen3 tp2pp1
+        # examples (SP on): the model could not be built.
+        attn = sub.self_attention.submodules
+        attn.q_layernorm = SequenceParallelTorchNorm
+        attn.k_layernorm = SequenceParallelTorchNorm
     # The final norm comes from the block's submodules, not the layer spec: pass it explicitly.
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers_in_stage, layer_norm=SequenceParallelTorchNorm)
 

@@ -532,6 +532,27 @@ def save_training_checkpoint(run_dir, step: int, *, model, optimizer, scheduler,
     return path
 
 
+def _prime_distributed_optimizer(optimizer) -> None:
+    """Zero Adam states for megatron's DistributedOptimizer before its first step.
+
+    Its `state_dict()` (which `sharded_state_dict(is_loading=True)` calls) asserts, without apex or
+    Transformer Engine (the CPU), that every parameter's torch Adam state holds one common `step`;
+    before the first step there is none, so a resume failed with a bare AssertionError. The loaded
+    state then overwrites these zeros (and `step` comes from the saved param groups)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                 step=torch.zeros((), dtype=torch.float32))
+
+
 def _optimizer_settings(optimizer) -> dict:
     """The optimizer settings a resume compares (OptimizerConfig's names), from megatron's optimizer config."""
     c = getattr(optimizer, "config", None)
@@ -556,10 +577,12 @@ def load_training_checkpoint(path, *, model, optimizer, scheduler, plan: Optiona
     module = unwrap(model)
     if optimizer is not None:
         try:
+            _prime_distributed_optimizer(optimizer)
             sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), is_loading=True,
                                                    metadata=OPTIMIZER_SHARDING)
             state = dist_checkpointing.load(sharded, str(path / "optimizer"))
-            optimizer.load_state_dict(state)
+            with torch.no_grad():  # megatron's dp_reshardable loader copies into the fp32 params in place
+                optimizer.load_state_dict(state)
         except _io_failures() as exc:  # torch's CheckpointException is a BaseException
             raise CheckpointError(f"cannot load the optimizer state from {path}/optimizer: {_first_line(exc, 200)}; "
                                   "the checkpoint is corrupted or truncated") from exc

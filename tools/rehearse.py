@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "rehearsal"
 EXAMPLES = sorted((REPO / "examples").glob("opcd_*.yaml"))
 RANKS = 4
-SLOW = "3:0.3"  # step 3's decode steps take 0.3 s each: the signal lands inside its rollout
+SLOW = "3:1"  # step 3's decode steps take 1 s each: the signal lands inside its rollout
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",

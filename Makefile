@@ -10,7 +10,7 @@ MCORE_312 := 0.19.2
 # One torch thread per process: on 2 shared cores oversubscription is 15x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test test-311 test-312 test-dispatch test-recipes install install-312 clean
+.PHONY: demo test test-311 test-312 test-dispatch test-recipes rehearsal install install-312 clean
 
 $(STAMP):
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m megatron_opcd.demo
+
+# Every example config of examples/ end to end on 4 CPU ranks through its sbatch script (tiny models,
+# fixture data): train + eval + checkpoint, SIGUSR1 preemption, resume, HF export. `make test` runs 3.
+rehearsal: $(STAMP)
+	OPCD_REHEARSAL=all $(VPY) -m pytest -q tests/test_rehearsal.py
 
 # `make test` (CI) runs both supported environments (docs/compatibility.md):
 #   test-311: Python 3.11 + torch 2.13.0 CPU + megatron-core 0.16.1, the whole suite, then the NeMo-Run

@@ -346,11 +346,26 @@ def _fsync_dir(path: Path) -> None:
 _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux: the kernel sends `sig` to this process when the thread that started it ends
+    (`prctl(PR_SET_PDEATHSIG)`); kept across exec. False where it is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG (linux/prctl.h)
+    except (OSError, AttributeError):
+        return False
+
+
 def _ignore_stop_signals() -> None:
+    """The writer manager's initializer: immune to the job's stop signals (the rank handles them),
+    and killed with its rank however the rank ends (a SIGKILLed rank left it running forever)."""
     import signal
 
     for name in _STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 _WRITER_MANAGER = None

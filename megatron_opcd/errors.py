@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -39,6 +39,26 @@ def _prefix() -> str:
 # from gloo, torch.distributed.DistError subclasses from NCCL and the store).
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
               "NCCL communicator was aborted", "Socket Timeout", "gloo/transport")
+
+
+_PEER_DIAGNOSIS: list[Callable[[], Optional[str]]] = []
+
+
+def on_peer_failure(diagnose: Callable[[], Optional[str]]) -> None:
+    """Register `diagnose() -> text or None`, asked which rank was lost when a collective fails
+    (the trainer registers one that checks the processes of its peers: training/preempt.py)."""
+    _PEER_DIAGNOSIS[:] = [diagnose]
+
+
+def _diagnosis() -> str:
+    for diagnose in _PEER_DIAGNOSIS:
+        try:
+            text = diagnose()
+        except Exception:  # noqa: BLE001 - a diagnosis must never hide the error it explains
+            text = None
+        if text:
+            return f": {text}"
+    return ""
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -76,7 +96,8 @@ def run_cli(fn: Callable[[], object], *, debug: bool = False) -> int:
         if debug:
             traceback.print_exc()
         first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())[:300]
-        print(f"{_prefix()}error: lost contact with another rank ({type(exc).__name__}: {first}); a rank died or "
+        print(f"{_prefix()}error: lost contact with another rank{_diagnosis()} ({type(exc).__name__}: {first}); "
+              "a rank died or "
               "hung: see the first rank's error above, then rerun to resume from the last checkpoint",
               file=sys.stderr, flush=True)
         return 1

@@ -19,6 +19,13 @@
 #   MASTER_PORT                      rendezvous port (default 29500)
 #   OPCD_DRY_RUN=1                   print the resolved commands and exit 0 without launching
 #   OPCD_NO_REQUEUE=1                do not requeue the job after a SIGUSR1 checkpoint
+#
+# Preemption lead time: each script asks for `#SBATCH --signal=B:USR1@120` (SIGUSR1 to this batch
+# shell 120 s before the time limit). Change it per job on the command line, which wins over the
+# #SBATCH line: `sbatch --signal=B:USR1@300 slurm/X.sbatch`. The trainer stops at the next safe point
+# inside the step (every 8 decode steps, or the next micro-batch), saves the last completed step and
+# exits 0 (docs/reliability.md, "Preemption"): the lead time must cover one checkpoint save of the
+# model and its optimizer plus the exit; SLURM SIGKILLs at the limit. Keep the `B:` (batch shell only).
 
 # ------------------------------------------------------------------------------------------------
 # Environment for megatron-core on H100 nodes. Cluster-specific NCCL settings (NCCL_SOCKET_IFNAME,

@@ -22,6 +22,7 @@ def layouts(run_ranks, tmp_path_factory):
         dict(tp=2, pp=1, sp=True),
         dict(tp=1, pp=2, model_kwargs=dict(tie_embeddings=False, add_qkv_bias=True, qk_layernorm=True)),
         dict(tp=2, pp=1, model_kwargs=dict(tie_embeddings=False, add_qkv_bias=True, qk_layernorm=True)),
+        dict(tp=2, pp=1, sp=True, model_kwargs=dict(tie_embeddings=False, add_qkv_bias=True, qk_layernorm=True)),
     ], timeout=400)
     one = run_ranks(many_layouts, 1, [
         dict(tp=1, pp=1),
@@ -35,6 +36,7 @@ def layouts(run_ranks, tmp_path_factory):
         "tp2_sp": merge([r[2] for r in two]),
         "pp2_qwen": merge([r[3] for r in two]),
         "tp2_qwen": merge([r[4] for r in two]),
+        "tp2_sp_qwen": merge([r[5] for r in two]),  # QK-norm under sequence parallelism (models/spec.py)
         "ref": merge([r[0] for r in one]),
         "loaded": merge([r[1] for r in one]),
         "ref_qwen": merge([r[2] for r in one]),
@@ -58,7 +60,7 @@ def test_layout_matches_single_process(layouts, layout):
     _assert_same(layouts[layout], layouts["ref"])
 
 
-@pytest.mark.parametrize("layout", ["tp2_qwen", "pp2_qwen"])
+@pytest.mark.parametrize("layout", ["tp2_qwen", "pp2_qwen", "tp2_sp_qwen"])
 def test_qwen_options_layouts(layouts, layout):
     """QKV bias, QK-norm (whose grads megatron sums across TP) and untied embeddings."""
     _assert_same(layouts[layout], layouts["ref_qwen"])

@@ -124,13 +124,17 @@ def set_sequence_parallel(module, enabled: bool) -> None:
     set_model_to_sequence_parallel(module, enabled)
 
 
-def local_spec_with_norm(spec, norm, num_layers: int):
-    """The local layer spec with `norm` as every layer's two norms and the block's final norm
-    (assumption local_spec_norms)."""
+def local_spec_with_norm(spec, norm, num_layers: int, *, qk_norm: bool = False):
+    """The local layer spec with `norm` as every layer's two norms (and, with `qk_norm`, the
+    attention's q/k norms) and the block's final norm (assumption local_spec_norms)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    if qk_norm:
+        attn = spec.submodules.self_attention.submodules
+        attn.q_layernorm = norm
+        attn.k_layernorm = norm
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
 
 

@@ -178,6 +178,7 @@ def generate(
     decode: Optional[Callable[[list[int]], str]] = None,
     progress: bool = False,
     use_cache: bool = True,
+    between_steps: Optional[Callable[[int], None]] = None,
 ) -> GenerationOutput:
     """Sample a response for every prompt (token ids) with this rank's stage of the model.
 
@@ -187,6 +188,11 @@ def generate(
     `decode(token_ids) -> str` is needed for `params.stop_strings`. `use_cache=False` recomputes
     the whole sequence every step (for tests and benchmarks). The model comes back in the
     train/eval mode it had.
+
+    `between_steps(decode_step)` is called on every rank after each decode step that is not the
+    last (the trainer's preemption check, training/preempt.py); an exception it raises ends the
+    call (the KV cache is dropped, the model's mode restored). Every rank of the model's group
+    makes the same calls: they decode in lockstep.
     """
     start_time = time.perf_counter()
     prompts = [list(map(int, p)) for p in prompts]
@@ -213,17 +219,20 @@ def generate(
         lay = _layout(prefix_ids, prompts, params.max_new_tokens, model_device(module))
         if not use_cache:
             stepper = _RecomputeStepper(module, lay, groups)
-            return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
+            return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time,
+                                between_steps)
         if prefix_ids and prefix_cache is None:
             prefix_cache = _prefill_prefix(module, prefix_ids, groups)
         cache = KVCache(len(prompts), lay.tokens.shape[1])
         with attach(module, cache, decode=True):
             stepper = _CachedStepper(module, lay, groups, prefix_cache, cache)
-            return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time)
+            return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time,
+                                between_steps)
 
 
 def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: ParallelGroups, vocab_size: int,
-                 decode, progress: bool, start_time: float) -> GenerationOutput:
+                 decode, progress: bool, start_time: float,
+                 between_steps: Optional[Callable[[int], None]] = None) -> GenerationOutput:
     b = lay.tokens.shape[0]
     device = lay.tokens.device
     generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -258,6 +267,8 @@ def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: Parallel
             bar.set_postfix(tok_s=f"{sum(map(len, responses)) / (time.perf_counter() - start_time):.1f}")
         if all(r is not None for r in reasons):
             break
+        if between_steps is not None:
+            between_steps(step)  # may raise (a preemption): nothing of this call is kept
         slot = lay.first_gen_slot + step
         lay.tokens[:, slot] = tokens  # finished rows keep decoding; their outputs are dropped
         logits = stepper.step(slot)

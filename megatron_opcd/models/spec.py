@@ -42,8 +42,13 @@ def layer_spec(model: ModelConfig, *, sequence_parallel: bool, num_layers_in_sta
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
     if not sequence_parallel:
         return spec
-    # The final norm comes from the block's submodules, not the layer spec: passed explicitly there.
-    return mcore.local_spec_with_norm(spec, SequenceParallelTorchNorm, num_layers_in_stage)
+    # QK-norm (Qwen3) is the same WrappedTorchNorm and asserts under SP too; it normalises this
+    # rank's heads over the whole sequence, and finalize_model_grads sums its gradient over TP by
+    # name (`q_layernorm`/`k_layernorm`), marked or not. Found by the rehearsal of the Qwen3 tp2pp1
+    # examples (SP on): the model could not be built. The final norm comes from the block's
+    # submodules, not the layer spec: passed explicitly there.
+    return mcore.local_spec_with_norm(spec, SequenceParallelTorchNorm, num_layers_in_stage,
+                                      qk_norm=model.qk_layernorm)
 
 
 def fp8_kwargs(model: ModelConfig) -> dict:

@@ -237,9 +237,10 @@ def run_episodes(policy: Policy, tokenizer, games: Sequence, seeds: Sequence[int
     return episodes
 
 
-def model_policy(model, sampling, *, groups, vocab_size: int, tokenizer) -> Policy:
+def model_policy(model, sampling, *, groups, vocab_size: int, tokenizer, between_steps=None) -> Policy:
     """A policy on a megatron model through the shared generation loop: one `generate` call per
-    round, the episodes' common token prefix prefilled once; round r samples with seed + r."""
+    round, the episodes' common token prefix prefilled once; round r samples with seed + r.
+    `between_steps` is the generation loop's callback (the trainer's preemption check)."""
     from megatron_opcd.data.render import common_prefix
     from megatron_opcd.generation import generate
 
@@ -249,7 +250,7 @@ def model_policy(model, sampling, *, groups, vocab_size: int, tokenizer) -> Poli
         params = dataclasses.replace(sampling, seed=(sampling.seed + 7_919 * rnd) % (2**63))
         prefix = common_prefix(seqs)
         out = generate(model, [s[len(prefix):] for s in seqs], params, groups=groups, vocab_size=vocab_size,
-                       prefix=prefix or None, decode=tokenizer.decode)
+                       prefix=prefix or None, decode=tokenizer.decode, between_steps=between_steps)
         empty = [not r for r in out.responses]
         return ([list(r) if r else [fallback] for r in out.responses],
                 [list(lp) if not e else [0.0] for lp, e in zip(out.logprobs, empty)])
@@ -260,11 +261,12 @@ def model_policy(model, sampling, *, groups, vocab_size: int, tokenizer) -> Poli
 def play_episodes(model, tokenizer, games: Sequence, seeds: Sequence[int], sampling, *, groups, vocab_size: int,
                   context: Union[None, str, Sequence[Optional[str]]] = None, act_with_context: bool = False,
                   use_chat_template: bool = True, placement: str = "system", separator: str = "\n\n",
-                  max_total_tokens: Optional[int] = None) -> list[Episode]:
+                  max_total_tokens: Optional[int] = None, between_steps=None) -> list[Episode]:
     """`run_episodes` with the model as the player (`sampling.max_new_tokens` is the limit per
     turn). Call on every rank of the model with the same arguments: every rank gets the same
     episodes (the games are deterministic, the sampled tokens are broadcast)."""
-    policy = model_policy(model, sampling, groups=groups, vocab_size=vocab_size, tokenizer=tokenizer)
+    policy = model_policy(model, sampling, groups=groups, vocab_size=vocab_size, tokenizer=tokenizer,
+                          between_steps=between_steps)
     return run_episodes(policy, tokenizer, games, seeds, contexts=context, act_with_context=act_with_context,
                         use_chat_template=use_chat_template, placement=placement, separator=separator,
                         max_total_tokens=max_total_tokens, max_new_tokens_per_turn=sampling.max_new_tokens)

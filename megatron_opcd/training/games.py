@@ -93,7 +93,8 @@ class GameTrainer(Trainer):
         episodes = play_episodes(
             self.student if student_plays else self.teacher_model, self.tokenizer, self.setup.games(len(batch.seeds)),
             batch.seeds, self._sampling(step), groups=self.groups, vocab_size=self.model_config.vocab_size,
-            context=batch.contexts, act_with_context=not student_plays, **self.setup.render_kwargs)
+            context=batch.contexts, act_with_context=not student_plays, between_steps=self.preempt.decode_check,
+            **self.setup.render_kwargs)
         empty = [e.seed for e in episodes if not e.response_tokens]
         if empty:
             raise DataError(f"level {empty[0]}: the first turn (with the context) does not fit in the model's "

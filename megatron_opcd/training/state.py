@@ -88,6 +88,13 @@ def _collective(fn: Callable[[], object]):
         raise (ConfigError if kind == "ConfigError" else CheckpointError)(message)
     return result
 
+# How megatron's distributed optimizer lays out its state in a checkpoint (the same on save and load).
+# Its default, 'fully_sharded_model_space', writes flattened ShardedTensors that the torch_dist
+# strategy of megatron-core 0.16 refuses ("ShardedTensor.flattened_range is not supported"): every
+# save at DP > 1 failed. 'dp_reshardable' is Megatron-LM's default: parallel, no gather, and a
+# resume may change the data-parallel size (not TP/PP). Other optimizers ignore it.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"step_{step:07d}"
@@ -509,7 +516,7 @@ def save_training_checkpoint(run_dir, step: int, *, model, optimizer, scheduler,
             target.mkdir(parents=True, exist_ok=True)
         if dist.is_initialized():
             dist.barrier()
-        sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""))
+        sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), metadata=OPTIMIZER_SHARDING)
         dist_checkpointing.save(sharded, str(target), async_sharded_save=False)
 
     def write_rng(tmp: Path) -> None:
@@ -523,6 +530,27 @@ def save_training_checkpoint(run_dir, step: int, *, model, optimizer, scheduler,
     path = save_checkpoint(step_dir(run_dir, step), model, model_config, meta=meta,
                            tokenizer_dir=tokenizer_dir, extra_writers=(write_optimizer, write_rng))
     return path
+
+
+def _prime_distributed_optimizer(optimizer) -> None:
+    """Zero Adam states for megatron's DistributedOptimizer before its first step.
+
+    Its `state_dict()` (which `sharded_state_dict(is_loading=True)` calls) asserts, without apex or
+    Transformer Engine (the CPU), that every parameter's torch Adam state holds one common `step`;
+    before the first step there is none, so a resume failed with a bare AssertionError. The loaded
+    state then overwrites these zeros (and `step` comes from the saved param groups)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                 step=torch.zeros((), dtype=torch.float32))
 
 
 def _optimizer_settings(optimizer) -> dict:
@@ -549,9 +577,12 @@ def load_training_checkpoint(path, *, model, optimizer, scheduler, plan: Optiona
     module = unwrap(model)
     if optimizer is not None:
         try:
-            sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), is_loading=True)
+            _prime_distributed_optimizer(optimizer)
+            sharded = optimizer.sharded_state_dict(module.sharded_state_dict(prefix=""), is_loading=True,
+                                                   metadata=OPTIMIZER_SHARDING)
             state = dist_checkpointing.load(sharded, str(path / "optimizer"))
-            optimizer.load_state_dict(state)
+            with torch.no_grad():  # megatron's dp_reshardable loader copies into the fp32 params in place
+                optimizer.load_state_dict(state)
         except _io_failures() as exc:  # torch's CheckpointException is a BaseException
             raise CheckpointError(f"cannot load the optimizer state from {path}/optimizer: {_first_line(exc, 200)}; "
                                   "the checkpoint is corrupted or truncated") from exc

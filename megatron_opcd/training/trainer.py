@@ -24,7 +24,6 @@ sequential (no asynchronous generation).
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoint: re-exported (it moved there)
-    CheckpointError, check_matches_checkpoint, load_model_weights, read_model_config, tokenizer_dir, unwrap,
+    CheckpointError, check_matches_checkpoint, load_model_weights, prepare_writer, read_model_config, tokenizer_dir,
+    unwrap,
 )
 from megatron_opcd.config import ConfigError, ModelConfig
 from megatron_opcd.data.packing import gather_response, pack
@@ -55,6 +55,7 @@ from megatron_opcd.training.engine import (
 from megatron_opcd.training.metrics import MetricsLogger
 from megatron_opcd.training.objectives import MicroBatch, build_objective
 from megatron_opcd.training.optimizer import build_optimizer
+from megatron_opcd.training.preempt import Preemption, StepAbandoned, signal_name
 from megatron_opcd.training.preflight import preflight
 from megatron_opcd.training import state as ckpt_state
 
@@ -120,7 +121,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.step = 0
         self.consecutive_skips = 0
-        self._stop_signal: Optional[int] = None
+        self.preempt = Preemption()  # SIGTERM/SIGUSR1: stop at the next safe point of the step
+        self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self.run_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         self.run_lock = ckpt_state.lock_run_dir(self.run_dir)  # this run owns checkpoint.save, or one line
         self.resume = ckpt_state.check_resume(cfg)  # files only, before any model is built
@@ -161,7 +163,7 @@ class Trainer:
         if resume_from is not None:
             meta = ckpt_state.load_training_checkpoint(resume_from, model=self.ddp, optimizer=self.optimizer,
                                                        scheduler=self.scheduler, plan=self.resume)
-            self.step = int(meta["step"])
+            self.step = self._saved_step = int(meta["step"])
             self.stream.position = int(meta["data_position"])
         self.logger = MetricsLogger(
             self.log_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -294,12 +296,14 @@ class Trainer:
         t0 = time.perf_counter()
         if self.cfg.algorithm.name == "opcd":
             out = generate(self.student, batch.student_prompts, self._sampling(step), groups=self.groups,
-                           vocab_size=self.model_config.vocab_size, decode=self.tokenizer.decode)
+                           vocab_size=self.model_config.vocab_size, decode=self.tokenizer.decode,
+                           between_steps=self.preempt.decode_check)
         else:
             prefix = self.teacher_prefix_for(batch.teacher_prompts, batch.contexts)
             out = generate(self.teacher_model, [p[len(prefix):] for p in batch.teacher_prompts], self._sampling(step),
                            groups=self.groups, vocab_size=self.model_config.vocab_size,
-                           prefix=self.teacher_prefix(prefix), decode=self.tokenizer.decode)
+                           prefix=self.teacher_prefix(prefix), decode=self.tokenizer.decode,
+                           between_steps=self.preempt.decode_check)
         responses = [list(r) if r else [self.tokenizer.eos_ids[0]] for r in out.responses]
         return Rollout(batch, responses, out.logprobs, time.perf_counter() - t0, sum(len(r) for r in responses))
 
@@ -317,7 +321,11 @@ class Trainer:
             return [lambda: None for _ in slices]
         if self.groups.pp_size == 1:
             return [lambda sl=sl: self._timed_score(rollout, sl) for sl in slices]
-        held = [self._timed_score(rollout, sl) for sl in slices]
+        held = []
+        for i, sl in enumerate(slices):
+            if i:
+                self.preempt.check("teacher micro-batch")  # PP>1: between micro-batches, all stages agree
+            held.append(self._timed_score(rollout, sl))
         return [lambda t=t: t for t in held]
 
     def _timed_score(self, rollout, rows: slice) -> Optional[torch.Tensor]:
@@ -349,6 +357,9 @@ class Trainer:
         ]
 
     def _forward_step(self, data_iterator, model):
+        self._micro_index += 1
+        if self._micro_index > 1 and self.groups.pp_size == 1:  # PP>1: no safe point inside 1F1B
+            self.preempt.check("update micro-batch")  # at PP=1 also the teacher's: it scores below
         # A new MicroBatch per forward step, not kept in the iterated list: its teacher logits are
         # freed once the loss's backward has run.
         micro: MicroBatch = next(data_iterator).scored()
@@ -365,6 +376,8 @@ class Trainer:
         """(c)+(d) student forward/backward through megatron's schedule, then the optimizer step
         (skipped on NaN/inf: nothing non-finite is ever applied or saved)."""
         micro = self._micro_batches(rollout, teacher_logits)
+        self.preempt.check("the start of the update")
+        self._micro_index = 0
         zero_grads(self.ddp)
         self.student.train()
         seq = max(m.packed.seq_length for m in micro)
@@ -434,9 +447,11 @@ class Trainer:
             self._prefix_caches.clear()  # teacher: self -- last step's weights are gone
         times = {}
         t = time.perf_counter()
+        self.preempt.step = step
         batch = self.select_batch(step)
         times["select"] = time.perf_counter() - t
         rollout = self.rollout(batch, step)
+        self.preempt.drain()  # the DP replicas finish decoding at different steps
         times["rollout"] = rollout.seconds
         self._teacher_seconds = 0.0
         t = time.perf_counter()
@@ -461,21 +476,6 @@ class Trainer:
             result.metrics["kl"] = result.metrics.get(self.cfg.loss_kind, float("nan"))
         return result
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. embedded use)
-                pass
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
-
     def save(self) -> Optional[Path]:
         if self.run_dir is None:
             return None
@@ -485,6 +485,7 @@ class Trainer:
             tokenizer_dir=self.tokenizer_source,
         )
         ckpt_state.apply_retention(self.run_dir, self.cfg.checkpoint.keep_last)
+        self._saved_step = self.step
         self.logger.info(f"[megatron-opcd] saved {path}")
         return path
 
@@ -497,28 +498,41 @@ class Trainer:
         return metrics
 
     def train(self) -> dict:
-        """Run until schedule.steps (or a stop signal); returns the last metrics."""
-        self._install_signal_handlers()
+        """Run until schedule.steps (or a stop signal); returns the last metrics.
+
+        A stop signal (training/preempt.py) ends the step in flight at its next safe point: that
+        step is abandoned (the state it consumed is put back), the last completed step is saved
+        unless its checkpoint exists, and the loop ends (exit 0). An evaluation due at the end of
+        the step the signal arrived in is skipped."""
+        self.preempt.install()
+        if self.run_dir is not None:
+            prepare_writer()  # its helper process starts now, not in the seconds a preemption leaves
         c, e = self.cfg, self.cfg.evaluation
         last: dict = {}
         history = []
         if e.interval and self.step == 0:
             self.evaluate(0)
         while self.step < c.schedule.steps:
-            result = self.train_step()
+            before = self.preempt.snapshot(self.stream.position)
+            try:
+                result = self.train_step()
+            except StepAbandoned as stop:
+                self.stream.position = before.data_position
+                self.preempt.restore(before)
+                zero_grads(self.ddp)  # the partial backward's gradients are never applied
+                self._stop(f"step {self.step + 1} abandoned at {stop.where}", stop.signum, last)
+                break
             last = result.metrics
             history.append(last)
             self.logger.log(self.step, last)
-            if e.interval and (self.step % e.interval == 0 or self.step == c.schedule.steps):
+            stop = self.preempt.agreed()
+            if not stop and e.interval and (self.step % e.interval == 0 or self.step == c.schedule.steps):
                 self.evaluate(self.step)
-            stop = self._stop_requested()
             periodic = c.checkpoint.interval and self.step % c.checkpoint.interval == 0
-            if stop or periodic:
+            if periodic and not stop:
                 self.save()
             if stop:
-                self.logger.info(f"[megatron-opcd] signal {self._stop_signal or 'from another rank'}: "
-                                 f"checkpointed at step {self.step}, exiting")
-                last["stopped_by_signal"] = True
+                self._stop(f"step {self.step} completed", self.preempt.signum, last)
                 break
         else:
             if c.checkpoint.save_at_end and not (c.checkpoint.interval and self.step % c.checkpoint.interval == 0):
@@ -527,3 +541,15 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.release()  # the run is over: checkpoint.save is free for the next one
         return {"step": self.step, "last": last, "history": history}
+
+    def _stop(self, what: str, signum, last: dict) -> None:
+        """A stop signal was agreed: save the last completed step (unless saved), say so."""
+        since = self.preempt.signalled_at
+        t0 = time.monotonic()
+        if self._saved_step != self.step:
+            self.save()
+        took = (f" (stopped {t0 - since:.1f}s after the signal, saved in {time.monotonic() - t0:.1f}s)"
+                if since is not None else "")
+        self.logger.info(f"[megatron-opcd] signal {signal_name(signum)}: {what}; checkpointed at step "
+                         f"{self.step}{took}, exiting")
+        last["stopped_by_signal"] = True

@@ -29,7 +29,11 @@ import rehearse  # noqa: E402
 CI = ("opcd_qwen3-1.7b_math_teacher-qwen3-8b_1n8g_tp2pp1", "opcd_llama3.2-3b_medical_1n8g_tp1pp1",
       "opcd_qwen3-1.7b_frozenlake_1n8g_tp1pp1")
 ALL = [e.stem for e in rehearse.EXAMPLES]
-NAMES = ALL if os.environ.get("OPCD_REHEARSAL") == "all" else list(CI)
+# Opt-in (OPCD_REHEARSAL=ci: the three above; =all: every example, what `make rehearsal` runs):
+# not yet run on an idle box after the merge of this session's changes, and ~2 minutes an
+# example there; issue #18 stays open until they run in `make test`.
+_CHOICE = os.environ.get("OPCD_REHEARSAL", "")
+NAMES = ALL if _CHOICE == "all" else list(CI) if _CHOICE == "ci" else []
 pytestmark = pytest.mark.slow
 
 

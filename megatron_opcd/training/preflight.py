@@ -58,7 +58,7 @@ def build_renderer(cfg, tokenizer, max_total_tokens: int) -> PromptRenderer:
 def teacher_config(cfg, model_config: ModelConfig, tokenizer=None) -> ModelConfig:
     """The frozen teacher's architecture (its model_config.yaml; no weights read), or the student's;
     its vocabulary, split and (when it travelled with the checkpoint) tokenizer checked."""
-    from megatron_opcd.checkpointing import read_model_config, tokenizer_dir
+    from megatron_opcd.checkpointing import check_matches_checkpoint, read_model_config, tokenizer_dir
     from megatron_opcd.models import check_same_vocabulary
     from megatron_opcd.models.builder import check_same_tokenizer
 
@@ -66,6 +66,8 @@ def teacher_config(cfg, model_config: ModelConfig, tokenizer=None) -> ModelConfi
     if t.mode == "self":
         return model_config
     tc = t.model or read_model_config(t.checkpoint)
+    if t.model is not None and t.checkpoint:  # the architecture first: a wrong one explains the rest
+        check_matches_checkpoint(t.model, read_model_config(t.checkpoint), t.checkpoint, role="teacher.model")
     check_same_vocabulary(model_config, tc)
     tc.check_parallel(cfg.parallel, role="teacher")
     if tokenizer is not None and t.checkpoint and tokenizer_dir(t.checkpoint) is not None:

@@ -46,7 +46,9 @@ def _sbatch_header(script: Path) -> dict:
 
 
 def test_one_script_per_paper_setting():
-    examples = {p.stem for p in (ROOT / "examples").glob("opcd_*.yaml")}
+    # The cluster settings carry their topology in the name (`_1n8g_`); the CPU example of the
+    # shipped model (opcd_smollm2-135m_cpu_dp2) runs without SLURM.
+    examples = {p.stem for p in (ROOT / "examples").glob("opcd_*.yaml") if re.search(r"_\d+n\d+g_", p.stem)}
     assert {p.stem for p in SCRIPTS} == examples
 
 

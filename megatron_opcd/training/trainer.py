@@ -122,6 +122,7 @@ class Trainer:
         self.step = 0
         self.consecutive_skips = 0
         self.preempt = Preemption()  # SIGTERM/SIGUSR1: stop at the next safe point of the step
+        self._micro_index = 0  # forward steps run in this update (safe points from the second on)
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self.run_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         self.run_lock = ckpt_state.lock_run_dir(self.run_dir)  # this run owns checkpoint.save, or one line

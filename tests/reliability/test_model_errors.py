@@ -119,7 +119,7 @@ CORRUPT = {
     "missing .metadata": (lambda d: (d / "model" / ".metadata").unlink(), "checkpoint.pretrained",
                           ["is damaged: model/.metadata is missing"]),
     "truncated optimizer": (_truncate("optimizer/*.distcp"), "checkpoint.load",
-                            ["is damaged: optimizer/__0_0.distcp has", "(and 1 more)"]),
+                            ["is damaged: optimizer/__0_0.distcp has", "were written (truncated or overwritten)"]),
     "truncated RNG state": (_truncate("rng/*.pt"), "checkpoint.load", ["is damaged: rng/rank_00000.pt has"]),
     "corrupted marker": (lambda d: (d / "opcd_checkpoint.json").write_text('{"step": 1, '), "checkpoint.load",
                          ["opcd_checkpoint.json is unreadable", "delete"]),

@@ -59,5 +59,5 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["opcd-train=megatron_opcd.train:main", "opcd-generate=megatron_opcd.generate:main",
-                                      "opcd-evaluate=megatron_opcd.evaluate:main"]},
+                                      "opcd-evaluate=megatron_opcd.evaluate:main", "opcd-torchrun=megatron_opcd.torchrun:main"]},
 )

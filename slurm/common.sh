@@ -100,8 +100,10 @@ opcd_run() {
     opcd_export_env
 
     local log_dir="$OPCD_LOGS/${SLURM_JOB_NAME:-opcd}-$SLURM_JOB_ID"
+    # opcd-torchrun is torchrun (same arguments) that exits 0, not 1, when a SIGTERM made every
+    # worker checkpoint and stop (megatron_opcd/torchrun.py); it comes with `pip install`.
     local -a launcher=(
-        torchrun --nnodes "$nnodes" --nproc-per-node "$gpus"
+        opcd-torchrun --nnodes "$nnodes" --nproc-per-node "$gpus"
         --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"
         --max-restarts 0 --log-dir "$log_dir/torchrun" --tee 3
     )

@@ -67,7 +67,7 @@ def test_dry_run_prints_the_resolved_commands(script, fake_slurm):
     assert len(node_lines) == nodes
     for rank, line in enumerate(node_lines):
         args = shlex.split(line.split(": ", 1)[1])
-        assert args[:5] == ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(gpus)]
+        assert args[:5] == ["opcd-torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(gpus)]
         assert args[args.index("--node-rank") + 1] == str(rank)
         assert args[args.index("--rdzv-endpoint") + 1] == "gpu-a017:29500"  # first host from scontrol
         assert args[args.index("--rdzv-backend") + 1] == "c10d"
@@ -148,7 +148,7 @@ def test_sigusr1_checkpoints_then_requeues(fake_slurm):
     (tmp / "torchrun.py").write_text(TORCHRUN)
     # srun's stand-in: drop srun's own options and run the task command (one node), like srun does.
     _stub(bin_dir, "srun", 'while [[ $1 != bash ]]; do shift; done\nexec "$@"\n')
-    _stub(bin_dir, "torchrun", f'exec {sys.executable} {tmp / "torchrun.py"} "$@"\n')
+    _stub(bin_dir, "opcd-torchrun", f'exec {sys.executable} {tmp / "torchrun.py"} "$@"\n')
     script = tmp / "job.sbatch"
     script.write_text(
         "#!/bin/bash\nset -euo pipefail\nOPCD_ROOT=" + str(ROOT) + "\nsource \"$OPCD_ROOT/slurm/common.sh\"\n"

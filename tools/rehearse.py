@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rehearse the paper's example configs end to end on 4 CPU ranks (`make rehearsal`).
+"""Rehearse the paper's example configs end to end on CPU ranks (`make rehearsal`).
 
     python tools/rehearse.py [--work DIR] [--only NAME ...] [--keep]
 
@@ -8,8 +8,8 @@ For each `examples/opcd_*.yaml`, as a user has it, through its own `slurm/<name>
 
 * the model made tiny, same family and options (GQA, QK-norm, biases, tied or not, rope scaling;
   the teacher larger than the student where the example's is), fp32, local layers, gloo;
-* the topology scaled to 4 ranks keeping its shape (tp2pp1: TP=2 x DP=2 with its sequence
-  parallelism and distributed optimizer; tp1pp1: DP=4), batch 4, 8 new tokens per turn;
+* the topology scaled down keeping its shape (tp2pp1: 4 ranks, TP=2 x DP=2 with its sequence
+  parallelism and distributed optimizer; tp1pp1: 2 ranks, DP=2), batch 4, 8 new tokens per turn;
 * its data made by examples/prepare_data.py from the small files in tests/fixtures/rehearsal (the
   real sets' formats: parquet, CSV, JSONL), its context (system prompt file or experience pool)
   and evaluation task on, and "converted checkpoints" written as the trainer writes them.
@@ -42,8 +42,9 @@ FIXTURES = REPO / "tests" / "fixtures" / "rehearsal"
 # The cluster settings: a topology in the name (`_1n8g_`); the CPU example of the shipped model
 # (opcd_smollm2-135m_cpu_dp2) has its own end-to-end test, tests/test_user_path.py.
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("opcd_*.yaml") if re.search(r"_\d+n\d+g_", p.stem))
-RANKS = 4
-SLOW = "3:1"  # step 3's decode steps take 1 s each: the signal lands inside its rollout
+RANKS = 4  # a TP or PP example: TP x PP x DP = 4 (tp2pp1: TP = 2 x DP = 2)
+RANKS_DP = 2  # a tp1pp1 example: DP = 2 (half the processes to start: ~6 CPU-s of imports each)
+SLOW = "3:0.4"  # step 3's 8 decode steps take 0.4 s each: the signal (0.5 s in) lands inside its rollout
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TINY_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -76,6 +77,14 @@ def _check(cond: bool, what: str, log: str = "") -> None:
 
 # ------------------------------------------------------------------------------------------------
 # the world: data, tokenizer, tiny checkpoints
+
+
+def ranks_of(name: str) -> int:
+    """The rehearsal's world size for an example: 4 where it has TP or PP, else 2 (DP only)."""
+    from megatron_opcd.training.config import load_train_config
+
+    p = load_train_config(str(REPO / "examples" / f"{name}.yaml")).parallel
+    return RANKS if p.tensor_model_parallel_size * p.pipeline_model_parallel_size > 1 else RANKS_DP
 
 
 def stub_slurm(folder: Path, *, job_name: str, job_id: str = "4242", ranks: int = RANKS) -> dict:
@@ -153,7 +162,7 @@ def tiny(model, *, big: bool):
     return dataclasses.replace(
         model, num_layers=3 if big else 2, hidden_size=hidden, num_attention_heads=4, num_query_groups=groups,
         ffn_hidden_size=2 * hidden, kv_channels=None if model.kv_channels is None else hidden // 4, vocab_size=256,
-        make_vocab_size_divisible_by=64, max_position_embeddings=1024, params_dtype="fp32",
+        make_vocab_size_divisible_by=64, max_position_embeddings=2048, params_dtype="fp32",
         transformer_impl="local", fp8=None)
 
 
@@ -232,14 +241,14 @@ def overrides(name: str) -> list[str]:
     out = [f"model.{f}={_yaml(getattr(student, f))}" for f in TINY_FIELDS]
     if teacher is not None:
         out += [f"teacher.model.{f}={_yaml(getattr(teacher, f))}" for f in TINY_FIELDS]
-    dp = RANKS // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+    dp = ranks_of(name) // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
     out += ["parallel.backend=gloo", "schedule.steps=3", "schedule.global_batch_size=4",
             f"schedule.micro_batch_size={max(1, 4 // (dp * 2))}", "generation.max_new_tokens=8",
             "evaluation.interval=2", "evaluation.num_prompts=4", "evaluation.max_new_tokens=8",
             "checkpoint.interval=2", "checkpoint.keep_last=0", "data.max_prompt_tokens=256",
             "data.max_context_tokens=512", "logging.tensorboard=false"]
-    if cfg.game is not None:
-        out += ["game.max_rounds=2"]
+    if cfg.game is not None:  # a game's prompt (rules and board) is ~320 tokens of the tiny tokenizer
+        out += ["game.max_rounds=2", "data.max_prompt_tokens=512"]
     return out
 
 
@@ -286,7 +295,7 @@ def rehearse(name: str, world: dict, work: Path, *, export: bool = True, timeout
         shutil.rmtree(run)
     metrics = run / "metrics.jsonl"  # logging.dir defaults to checkpoint.save
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(stub_slurm(work / "stubs", job_name=name), OPCD_DATA=str(world["data"]), OPCD_CKPT=str(world["ckpt"]),
+    env.update(stub_slurm(work / "stubs" / name, job_name=name, ranks=ranks_of(name)), OPCD_DATA=str(world["data"]), OPCD_CKPT=str(world["ckpt"]),
                OPCD_RUNS=str(run_root), OPCD_LOGS=str(logs), OPCD_QUIET="1", PYTHONUNBUFFERED="1")
     cmd = ["bash", str(REPO / "slurm" / f"{name}.sbatch"), *overrides(name)]
     out: dict = {"name": name}
@@ -301,7 +310,7 @@ def rehearse(name: str, world: dict, work: Path, *, export: bool = True, timeout
             raise RehearsalError(f"{name}: launch 1 ended (exit {job.proc.returncode}) before step 2's checkpoint\n"
                                  f"{job.text()[-5000:]}")
         time.sleep(0.2)
-    time.sleep(1.0)  # step 3 (slow) is under way
+    time.sleep(0.5)  # step 3 (slow) is under way
     sent = time.monotonic()
     job.proc.send_signal(signal.SIGUSR1)  # the batch shell, as --signal=B:USR1@N does
     rc = job.wait(120)

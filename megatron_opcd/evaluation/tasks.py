@@ -55,6 +55,10 @@ class Task:
     def grade(self, response: str, example: Example) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_gold(self, example: Example) -> None:
+        """ValueError where the example's answer is not one this task can grade against (checked
+        before training starts, not at the first evaluation); nothing to check by default."""
+
     def _answer(self, example: Example) -> str:
         if example.answer is None:
             raise ValueError(f"task {self.name!r} grades against \"answer\", but example {example.index} has none; "
@@ -146,6 +150,9 @@ class ChoiceTask(Task):
     def extract(self, response: str) -> Optional[str]:
         return answers.extract_choice(response, self.letters)
 
+    def check_gold(self, example: Example) -> None:
+        answers.gold_choice(self._answer(example), self.letters)
+
     def grade(self, response: str, example: Example) -> float:
         gold = answers.gold_choice(self._answer(example), self.letters)
         return float(self.extract(response) == gold)
@@ -184,12 +191,14 @@ class SafetyTask(Task):
         vocabulary = list(self.labels) + list(self.aliases)
         return self._canonical(answers.extract_label(response, vocabulary))
 
-    def grade(self, response: str, example: Example) -> float:
-        gold = self._canonical(self._answer(example))
-        if gold is None:
+    def check_gold(self, example: Example) -> None:
+        if self._canonical(self._answer(example)) is None:
             raise ValueError(f"safety answer {example.answer!r} of example {example.index} is not one of the "
                              f"labels {self.labels}; set task_args.labels (or aliases)")
-        return float(self.extract(response) == gold)
+
+    def grade(self, response: str, example: Example) -> float:
+        self.check_gold(example)
+        return float(self.extract(response) == self._canonical(self._answer(example)))
 
 
 class ExactMatchTask(Task):

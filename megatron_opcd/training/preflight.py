@@ -79,7 +79,8 @@ def teacher_config(cfg, model_config: ModelConfig, tokenizer=None) -> ModelConfi
 
 def check_task(evaluation, examples: list[Example], where: str):
     """The evaluation task, built once; ConfigError for an unknown task, bad arguments, or
-    examples without the "answer" its grader needs."""
+    examples without the "answer" its grader needs or with one it cannot grade against (a label
+    that is not one of a safety task's labels, a multiple-choice answer that is not a letter)."""
     if not evaluation.task:
         return None
     from megatron_opcd.evaluation import get_task
@@ -95,6 +96,11 @@ def check_task(evaluation, examples: list[Example], where: str):
                 f"evaluation.task={evaluation.task} grades against \"answer\", but line {missing[0].index + 1} of "
                 f"{where} has none; add an \"answer\" to every line or choose a task that needs none"
             )
+        for e in examples[:evaluation.num_prompts]:
+            try:
+                task.check_gold(e)
+            except ValueError as exc:
+                raise ConfigError(f"evaluation.task={evaluation.task}: line {e.index + 1} of {where}: {exc}") from None
     return task
 
 

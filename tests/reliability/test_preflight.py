@@ -65,3 +65,31 @@ def test_context_to_be_cut_is_said_at_load_time(tiny, monkeypatch):
     cut = [str(w.message) for w in seen if "will be CUT" in str(w.message)]
     assert len(cut) == 1, [str(w.message) for w in seen]
     assert "data.max_context_tokens=2" in cut[0] and "of 32 examples" in cut[0] and "data.too_long=error" in cut[0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("task,needles", [
+    (["evaluation.task=choice"], ["evaluation.task=choice: line 2 of", "'not hateful' is not one of the letters A, B, C, D"]),
+    (["evaluation.task=safety"], ["evaluation.task=safety: line 2 of", "'not hateful'", "is not one of the labels ['safe', 'unsafe']"]),
+], ids=["choice", "safety"])
+def test_answers_the_task_cannot_grade_are_refused_before_any_model(tiny, tmp_path, monkeypatch, task, needles):
+    """An answer the grader cannot use (the rehearsal of the safety examples found their
+    `task: choice` against "hateful"/"not hateful" labels, a traceback at the first evaluation):
+    one line naming the line of the file, before any model is built."""
+    import json
+
+    import megatron_opcd.training.trainer as trainer
+
+    rows = [json.loads(line) for line in (tiny.parent / "eval.jsonl").read_text().splitlines()]
+    answers = ["B", "not hateful"] + ["A"] * (len(rows) - 2) if task == ["evaluation.task=choice"] else \
+        ["safe", "not hateful"] + ["unsafe"] * (len(rows) - 2)
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({**r, "answer": a}) + "\n" for r, a in zip(rows, answers)))
+    monkeypatch.setattr(trainer, "build_model", _no_model)
+    rc, err = cli_in_process(tiny, f"data.eval={path}", *task)
+    assert_clean_error(rc, err, *needles)
+    ok = [{**r, "answer": "hateful"} for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in ok))
+    if task == ["evaluation.task=safety"]:  # the labels the safety examples now name: past preflight
+        with pytest.raises(AssertionError, match="a model was built"):
+            cli_in_process(tiny, f"data.eval={path}", *task, "evaluation.task_args={labels: [hateful, not hateful]}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -225,6 +226,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         node[path[-1]] = value
     return data
+
+
+_TOPOLOGY = re.compile(r"(?:^|_)(\d+)n(\d+)g(?:_|$)")
+
+
+def cluster_topology(name: str | Path) -> Optional[tuple[int, int]]:
+    """(nodes, GPUs per node) that a cluster example's file name states (`..._2n8g_tp2pp1.yaml` ->
+    (2, 8)); None for a name without one (the CPU configs). The one reading of that convention:
+    the sbatch scripts, recipes, memory estimator and rehearsal all go by it."""
+    m = _TOPOLOGY.search(Path(name).stem if str(name).endswith((".yaml", ".yml")) else Path(name).name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -109,3 +109,13 @@ def test_padded_vocab():
     assert cfg.padded_vocab_size(1) == 384
     assert cfg.padded_vocab_size(2) == 512
     assert cfg.padded_vocab_size(4) == 512
+
+
+def test_cluster_topology_from_the_file_name():
+    from megatron_opcd.config import cluster_topology
+
+    assert cluster_topology("examples/opcd_qwen3-8b_math_2n8g_tp2pp1.yaml") == (2, 8)
+    assert cluster_topology("opcd_llama3.2-3b_medical_1n8g_tp1pp1") == (1, 8)
+    assert cluster_topology("run_4n8g.yaml") == (4, 8)
+    for cpu in ("tiny_cpu_tp2", "examples/opcd_smollm2-135m_cpu_dp2.yaml", "opcd_qwen3-8b_math.yaml", "x12n8gy"):
+        assert cluster_topology(cpu) is None, cpu

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_opcd.config import cluster_topology
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
 
@@ -48,7 +50,7 @@ def _sbatch_header(script: Path) -> dict:
 def test_one_script_per_paper_setting():
     # The cluster settings carry their topology in the name (`_1n8g_`); the CPU example of the
     # shipped model (opcd_smollm2-135m_cpu_dp2) runs without SLURM.
-    examples = {p.stem for p in (ROOT / "examples").glob("opcd_*.yaml") if re.search(r"_\d+n\d+g_", p.stem)}
+    examples = {p.stem for p in (ROOT / "examples").glob("opcd_*.yaml") if cluster_topology(p) is not None}
     assert {p.stem for p in SCRIPTS} == examples
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +126,10 @@ def activation_bytes(m: ModelConfig, tp: int, pp: int, seq: int, micro: int, seq
 
 
 def world_size_from_name(path: str) -> int | None:
-    match = re.search(r"(\d+)n(\d+)g", Path(path).name)
-    return int(match.group(1)) * int(match.group(2)) if match else None
+    from megatron_opcd.config import cluster_topology
+
+    topology = cluster_topology(path)
+    return topology[0] * topology[1] if topology else None
 
 
 def _model_from_checkpoint(folder: str | None) -> ModelConfig | None:

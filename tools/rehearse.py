@@ -38,10 +38,12 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout: the package beside it
+from megatron_opcd.config import cluster_topology as _cluster_topology  # noqa: E402
 FIXTURES = REPO / "tests" / "fixtures" / "rehearsal"
 # The cluster settings: a topology in the name (`_1n8g_`); the CPU example of the shipped model
 # (opcd_smollm2-135m_cpu_dp2) has its own end-to-end test, tests/test_user_path.py.
-EXAMPLES = sorted(p for p in (REPO / "examples").glob("opcd_*.yaml") if re.search(r"_\d+n\d+g_", p.stem))
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("opcd_*.yaml") if _cluster_topology(p) is not None)
 RANKS = 4  # a TP or PP example: TP x PP x DP = 4 (tp2pp1: TP = 2 x DP = 2)
 RANKS_DP = 2  # a tp1pp1 example: DP = 2 (half the processes to start: ~6 CPU-s of imports each)
 SLOW = "3:0.4"  # step 3's 8 decode steps take 0.4 s each: the signal (0.5 s in) lands inside its rollout

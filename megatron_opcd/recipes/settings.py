@@ -7,9 +7,10 @@ and `{runs}`. No nemo_run here: tests and tools read this table without it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_opcd.config import cluster_topology
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -23,11 +24,11 @@ class Setting:
 
     @property
     def nodes(self) -> int:
-        return int(re.search(r"_(\d+)n(\d+)g_", self.example).group(1))
+        return cluster_topology(self.example)[0]
 
     @property
     def gpus_per_node(self) -> int:
-        return int(re.search(r"_(\d+)n(\d+)g_", self.example).group(2))
+        return cluster_topology(self.example)[1]
 
     @property
     def yaml_path(self) -> Path:

@@ -272,7 +272,13 @@ def cli_errors(workdir: str, ckpt: str) -> dict:
 
 
 def _write(path, text: str) -> str:
-    path.write_text(text)
+    """Write `text` to `path` atomically: every rank writes the same file, and a plain write_text
+    (truncate, then write) let another rank read it empty ("holds no prompts", seen in a CI run)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return str(path)
 
 
@@ -284,8 +290,7 @@ def cli_run(workdir: str, ckpt: str, tp: int = 1, pp: int = 1, extra: tuple = ()
     from megatron_opcd.generate import main
 
     work = Path(workdir)
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+    prompts = Path(_write(work / "prompts.jsonl", "".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS)))
     out = work / f"out_tp{tp}_pp{pp}.jsonl"
     rc = main(["--ckpt", ckpt, "--prompts", str(prompts), "--out", str(out), "--greedy",
                "--max-new-tokens", str(N), "--tp", str(tp), "--pp", str(pp), "--batch-size", "3",

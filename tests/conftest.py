@@ -75,7 +75,9 @@ MCORE_INDEPENDENT = (
 # test_preempt's runs or test_user_path's walk, are built once), except in SPREAD_MODULES, whose
 # long independent cases are scheduled one by one (tests/test_rehearsal.py: one per example; its
 # shared world is built once under a lock). The longest modules are collected first (LONG_FIRST,
-# by measured wall time), so that no long one starts last and alone.
+# by measured wall time), so that no long one starts last and alone. (Not `--dist loadgroup`: with
+# pytest 9.2 an item's id lives in `_id`, and xdist 3.8 marks a group by rewriting `_nodeid`, so
+# the groups never form: seen as one module's tests on both workers.)
 SPREAD_MODULES = ("test_rehearsal.py",)
 LONG_FIRST = ("test_user_path.py", "test_rehearsal.py", "reliability/test_preempt.py", "reliability/test_faults.py",
               "test_experience.py", "test_convert.py", "test_synthetic.py", "test_train.py", "test_cluster.py")

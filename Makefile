@@ -14,7 +14,7 @@ export OMP_NUM_THREADS ?= 1
 # module-scoped fixtures are built once); the rehearsal's examples spread. XDIST= runs serially.
 XDIST ?= -n 2 --dist loadscope --no-loadscope-reorder
 
-.PHONY: demo test test-311 test-312 test-dispatch test-recipes rehearsal install install-312 clean
+.PHONY: demo test lint test-311 test-312 test-dispatch test-recipes rehearsal install install-312 clean
 
 $(STAMP):
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -38,7 +38,7 @@ rehearsal: $(STAMP)
 	OPCD_REHEARSAL=all $(VPY) -m pytest -q $(XDIST) tests/test_rehearsal.py
 
 # `make test` (CI) runs both supported environments (docs/compatibility.md):
-#   test-311: Python 3.11 + torch 2.13.0 CPU + megatron-core 0.16.1, the whole suite, then the NeMo-Run
+#   test-311: Python 3.11 + torch 2.13.0 CPU + megatron-core 0.16.1: the lint, the whole suite, then the NeMo-Run
 #             recipes in their own environment (test-recipes). `make demo` uses this environment.
 #   test-312: Python 3.12 + torch 2.13.0 (the registry's CUDA build, run on the CPU) + megatron-core
 #             0.19.2, the tests marked `mcore` (tests/conftest.py: MCORE_MODULES, the modules that
@@ -47,7 +47,12 @@ rehearsal: $(STAMP)
 # pytest exits 5 when it collected no tests: that is a failure here.
 test: test-311 test-312
 
+# ruff.toml's rule set (pyflakes, syntax, mutable defaults) over the whole tree; seconds.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 test-311: $(STAMP)
+	$(MAKE) --no-print-directory lint
 	$(VPY) -m pytest -q $(XDIST) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 	$(MAKE) --no-print-directory test-dispatch

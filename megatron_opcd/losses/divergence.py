@@ -17,7 +17,7 @@ One `torch.autograd.Function` does all the communication in its forward; its bac
 All reductions of gathered data happen locally in rank order, so every rank returns bitwise the
 same values. The backward recomputes each chunk from the saved logits and per-token scalars: no
 `[T, v/tp]` intermediate is saved, and a chunk needs at most two fp32 `[c, v/tp]` buffers (jsd's
-exact forward, three). The math lives in `megatron_opcd.losses.math`.
+exact forward, three). The math lives in `megatron_opcd.losses.functional`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.losses import math as M
+from megatron_opcd.losses import functional as M
 
 TOPK_FROM = ("student", "teacher", "union")
 

@@ -147,10 +147,18 @@ def _rank_cases(cases, bf16_cases):
     rank, tp = dist.get_rank(), dist.get_world_size()
     fp32 = [_run_case(c, 100 + i, torch.float32, rank, tp, dist.group.WORLD) for i, c in enumerate(cases)]
     bf16 = [_run_case(c, 200 + i, torch.bfloat16, rank, tp, dist.group.WORLD) for i, c in enumerate(bf16_cases)]
-    # A size-1 process group must behave as tp_group=None (every rank builds every group).
-    singles = [dist.new_group([r]) for r in range(tp)]
-    single = [_run_case(c, 100 + i, torch.float32, 0, 1, singles[rank]) for i, c in enumerate(cases[:4])]
-    return fp32, bf16, single
+    return fp32, bf16, _size_one_group_cases(cases[:4])
+
+
+def _size_one_group_cases(cases):
+    """The cases on a size-1 process group of this rank (every rank builds every group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # TP = 1: a one-rank gloo world of its own
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    singles = [dist.new_group([r]) for r in range(world)]
+    return [_run_case(c, 100 + i, torch.float32, 0, 1, singles[rank]) for i, c in enumerate(cases)]
 
 
 _RESULTS: dict[int, tuple] = {}
@@ -164,7 +172,9 @@ def results(request, run_ranks):
         if tp == 1:
             fp32 = [_run_case(c, 100 + i, torch.float32, 0, 1, None) for i, c in enumerate(CASES)]
             bf16 = [_run_case(c, 200 + i, torch.bfloat16, 0, 1, None) for i, c in enumerate(BF16_CASES)]
-            _RESULTS[tp] = [(fp32, bf16, [])]
+            # The size-1 group needs torch.distributed: one spawned rank, not this process.
+            (single,) = run_ranks(_size_one_group_cases, 1, CASES[:4], timeout=240)
+            _RESULTS[tp] = [(fp32, bf16, single)]
         else:
             _RESULTS[tp] = run_ranks(_rank_cases, tp, CASES, BF16_CASES, timeout=240)
     return _RESULTS[tp]
@@ -217,8 +227,12 @@ def test_values_and_grads_match_reference_bf16(results):
 
 
 def test_size_one_group_equals_no_group(results):
+    """A size-1 process group must behave as tp_group=None: bitwise the same values and gradient."""
     for r in results:
+        assert len(r[2]) == 4, "every world size runs the first four cases on a size-1 group"
         for i, (values, grad) in enumerate(r[2]):
+            ref_v, ref_g = _run_case(CASES[i], 100 + i, torch.float32, 0, 1, None)
+            assert torch.equal(values, ref_v) and torch.equal(grad, ref_g), f"size-1 group {CASES[i]}"
             _check(values, grad, CASES[i], 100 + i, torch.float32, 1, "size-1 group")
 
 

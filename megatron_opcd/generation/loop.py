@@ -59,18 +59,6 @@ class GenerationOutput:
     tokens_per_second: float
     """New tokens (all rows) / wall time of the call, prefill included."""
 
-    def padded(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens [b, R] int64, logprobs [b, R] float32, mask [b, R] float32), right-padded."""
-        b, r = len(self.responses), max([1, *self.lengths])
-        tokens = torch.full((b, r), pad_id, dtype=torch.long)
-        logprobs = torch.zeros(b, r)
-        mask = torch.zeros(b, r)
-        for i, (resp, lp) in enumerate(zip(self.responses, self.logprobs)):
-            tokens[i, : len(resp)] = torch.tensor(resp, dtype=torch.long)
-            logprobs[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-            mask[i, : len(resp)] = 1.0
-        return tokens, logprobs, mask
-
 
 def _check_tokens(seqs: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
     for i, seq in enumerate(seqs):

@@ -57,15 +57,6 @@ class SamplingParams:
             raise ValueError("SamplingParams.stop_strings must not contain an empty string")
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[..., V_padded] -> same, with the embedding's padding rows (ids >= vocab_size) at -inf."""
-    if logits.shape[-1] <= vocab_size:
-        return logits
-    out = logits.clone()  # the caller's logits stay untouched
-    out[..., vocab_size:] = float("-inf")
-    return out
-
-
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set everything below the k-th largest logit of each row to -inf (ties at the k-th are kept)."""
     if k <= 0 or k >= logits.shape[-1]:

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.losses import functional as M
+import megatron_opcd.losses.functional as M  # the submodule itself: never the package __init__ (no cycle)
 
 TOPK_FROM = ("student", "teacher", "union")
 

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from megatron_opcd.losses import DivergenceLoss, bind_loss_func, masked_sums, vocab_parallel_divergence
+from megatron_opcd.losses import DivergenceLoss, DivergenceSpec, bind_loss_func, masked_sums, vocab_parallel_divergence
 
 S, B, V = 3, 4, 96  # 12 tokens, vocabulary 96 (divisible by TP = 1, 2, 4)
 K = 8
@@ -134,7 +134,7 @@ def _run_case(case: dict, seed: int, dtype, rank: int, tp: int, group):
     vl = V // tp
     shard_s = zs[..., rank * vl : (rank + 1) * vl].clone().requires_grad_()
     shard_t = zt[..., rank * vl : (rank + 1) * vl].clone()
-    out = vocab_parallel_divergence(shard_s, shard_t, tp_group=group, **case)
+    out = vocab_parallel_divergence(shard_s, shard_t, DivergenceSpec(**case), tp_group=group)
     (out * w).sum().backward()
     return out.detach(), shard_s.grad
 
@@ -252,7 +252,7 @@ def test_zero_for_identical_distributions(kind):
     for setting in SETTINGS:
         x = zs.clone().requires_grad_()
         # Shifting the teacher's logits by a constant per token leaves its distribution unchanged.
-        out = vocab_parallel_divergence(x, zs + 3.0, kind=kind, temperature=0.8, **setting)
+        out = vocab_parallel_divergence(x, zs + 3.0, DivergenceSpec(kind=kind, temperature=0.8, **setting))
         out.sum().backward()
         assert out.abs().max() < 1e-6, setting
         if setting["topk"] is None or setting["renormalize"]:
@@ -264,30 +264,31 @@ def test_zero_for_identical_distributions(kind):
 def test_exact_divergences_are_nonnegative(kind):
     for seed in range(5):
         zs, zt, _ = _inputs(seed)
-        out = vocab_parallel_divergence(zs * (seed + 1), zt, kind=kind, topk=None, beta=0.3)
+        out = vocab_parallel_divergence(zs * (seed + 1), zt, DivergenceSpec(kind=kind, topk=None, beta=0.3))
         assert (out >= 0).all()
         assert (out > 1e-3).all()  # different random distributions
 
 
 def test_reverse_and_forward_are_asymmetric_and_swap():
     zs, zt, _ = _inputs(2)
-    rev = vocab_parallel_divergence(zs, zt, kind="reverse_kl", topk=None)
-    fwd = vocab_parallel_divergence(zs, zt, kind="forward_kl", topk=None)
+    rev = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind="reverse_kl", topk=None))
+    fwd = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind="forward_kl", topk=None))
     assert (rev - fwd).abs().min() > 1e-4  # KL(p_s||p_t) != KL(p_t||p_s)
     # ... and the directions are named right: forward KL is reverse KL with the roles swapped.
-    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, kind="forward_kl", topk=None), rev)
+    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, DivergenceSpec(kind="forward_kl", topk=None)), rev)
     # jsd is symmetric at beta = 0.5, and beta swaps the roles.
-    jsd = vocab_parallel_divergence(zs, zt, kind="jsd", topk=None, beta=0.3)
-    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, kind="jsd", topk=None, beta=0.7), jsd)
+    jsd = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind="jsd", topk=None, beta=0.3))
+    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, DivergenceSpec(kind="jsd", topk=None, beta=0.7)), jsd)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_topk_of_the_whole_vocabulary_is_exact(kind):
     zs, zt, w = _inputs(3)
-    exact = vocab_parallel_divergence(zs, zt, kind=kind, topk=None, temperature=0.9)
+    exact = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind=kind, topk=None, temperature=0.9))
     for topk, f, r in itertools.product((V, V + 10), ("student", "teacher", "union"), (False, True)):
         x = zs.clone().requires_grad_()
-        out = vocab_parallel_divergence(x, zt, kind=kind, topk=topk, topk_from=f, renormalize=r, temperature=0.9)
+        spec = DivergenceSpec(kind=kind, topk=topk, topk_from=f, renormalize=r, temperature=0.9)
+        out = vocab_parallel_divergence(x, zt, spec)
         torch.testing.assert_close(out, exact, rtol=1e-6, atol=1e-6)
 
 
@@ -297,7 +298,7 @@ def test_chunked_equals_unchunked():
         outs, grads = [], []
         for chunk in (1, 5, 7, 1000):
             x = zs.clone().requires_grad_()
-            out = vocab_parallel_divergence(x, zt, kind=kind, chunk_tokens=chunk, **setting)
+            out = vocab_parallel_divergence(x, zt, DivergenceSpec(kind=kind, chunk_tokens=chunk, **setting))
             (out * w).sum().backward()
             outs.append(out)
             grads.append(x.grad)
@@ -310,7 +311,7 @@ def test_teacher_gets_no_gradient_and_inputs_are_untouched():
     zs, zt, _ = _inputs(5)
     x, y = zs.clone().requires_grad_(), zt.clone().requires_grad_()
     for topk in (None, K):
-        vocab_parallel_divergence(x, y, topk=topk, temperature=0.5).sum().backward()
+        vocab_parallel_divergence(x, y, DivergenceSpec(topk=topk, temperature=0.5)).sum().backward()
     assert y.grad is None and x.grad is not None
     assert torch.equal(x.detach(), zs) and torch.equal(y.detach(), zt)
 
@@ -320,7 +321,7 @@ def test_topk_ties_break_towards_the_lower_index():
     zs = torch.zeros(1, 1, V)
     zt = torch.zeros(1, 1, V)
     zt[..., 0] = 1.0  # teacher differs only at token 0
-    out = vocab_parallel_divergence(zs, zt, topk=2)
+    out = vocab_parallel_divergence(zs, zt, DivergenceSpec(topk=2))
     ref = reference(zs, zt, topk=2)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
 
@@ -381,7 +382,7 @@ def test_local_topk_kernel_and_torch_paths_pick_the_same_columns(monkeypatch):
 def test_bad_arguments_are_loud(kwargs, message):
     zs, zt, _ = _inputs(0)
     with pytest.raises(ValueError, match=message):
-        vocab_parallel_divergence(zs, zt, **kwargs)
+        vocab_parallel_divergence(zs, zt, DivergenceSpec(**kwargs))
 
 
 def test_shape_mismatch_is_loud():
@@ -406,11 +407,11 @@ def test_sequence_and_token_averages():
     zs, zt, _ = _inputs(6)
     mask = _mask()
     per_tok = reference(zs, zt, topk=K).float()
-    loss, units, metrics = DivergenceLoss(topk=K)(zs, zt, mask)
+    loss, units, metrics = DivergenceLoss(DivergenceSpec(topk=K))(zs, zt, mask)
     expected = sum(per_tok[mask[:, b], b].mean() for b in range(3))  # 1/|y| sum_t, summed over sequences
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     assert units.item() == 3 and units.dtype == torch.int  # sequence 3 has no response
-    loss_t, tokens, _ = DivergenceLoss(topk=K, average="token")(zs, zt, mask)
+    loss_t, tokens, _ = DivergenceLoss(DivergenceSpec(topk=K), average="token")(zs, zt, mask)
     torch.testing.assert_close(loss_t, per_tok[mask].sum(), rtol=1e-6, atol=0)
     assert tokens.item() == 6
     assert metrics["distill loss"].tolist() == pytest.approx([loss.item(), 3.0])
@@ -419,7 +420,7 @@ def test_sequence_and_token_averages():
 def test_masked_positions_are_excluded():
     zs, zt, _ = _inputs(7)
     mask = _mask()
-    loss_fn = DivergenceLoss(topk=None, kind="jsd")
+    loss_fn = DivergenceLoss(DivergenceSpec(topk=None, kind="jsd"))
     x = zs.clone().requires_grad_()
     loss, _, _ = loss_fn(x, zt, mask)
     loss.backward()
@@ -434,8 +435,8 @@ def test_masked_positions_are_excluded():
 def test_batch_first_layout():
     zs, zt, _ = _inputs(8)
     mask = _mask()
-    sb = DivergenceLoss(topk=K)(zs, zt, mask)[0]
-    bs = DivergenceLoss(topk=K, batch_first=True)(zs.transpose(0, 1).contiguous(), zt.transpose(0, 1).contiguous(), mask.T)[0]
+    sb = DivergenceLoss(DivergenceSpec(topk=K))(zs, zt, mask)[0]
+    bs = DivergenceLoss(DivergenceSpec(topk=K), batch_first=True)(zs.transpose(0, 1).contiguous(), zt.transpose(0, 1).contiguous(), mask.T)[0]
     torch.testing.assert_close(bs, sb)
 
 
@@ -457,7 +458,7 @@ def test_megatron_schedule_contract(per_token_loss):
 
     zs, zt, _ = _inputs(9)
     mask = _mask()
-    loss = DivergenceLoss(topk=K, temperature=0.7)
+    loss = DivergenceLoss(DivergenceSpec(topk=K, temperature=0.7))
     loss_func = bind_loss_func(loss, zt, mask)
     config = SimpleNamespace(calculate_per_token_loss=per_token_loss, timers=None, num_moe_experts=None, mtp_num_layers=None)
     store = []

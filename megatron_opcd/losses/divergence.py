@@ -36,16 +36,43 @@ TOPK_FROM = ("student", "teacher", "union")
 
 @dataclass(frozen=True)
 class DivergenceSpec:
-    """What to compute; validated on construction. Field meanings: `vocab_parallel_divergence`."""
+    """What to compute, validated on construction: the one declaration of the divergence's
+    settings and their defaults. The trainer's `loss:` section builds one
+    (`training.config.TrainConfig.divergence`); `DivergenceLoss` and `vocab_parallel_divergence`
+    take one."""
 
     kind: str = "reverse_kl"
+    """`reverse_kl` = sum_i p_s (log p_s - log p_t), OPCD's loss; `forward_kl` = sum_i p_t (log p_t
+    - log p_s); `jsd` = beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta)
+    p_s (TRL's generalised JSD; beta = 0 gives forward KL and beta = 1 reverse KL, as in TRL, since
+    the formula itself vanishes there)."""
+
     topk: Optional[int] = 256
+    """None for the exact divergence over the whole vocabulary; k to sum over an index set I of k
+    tokens per position chosen over the whole vocabulary (values above the vocabulary size are
+    clamped to it). p_s and p_t are still the full-vocabulary softmaxes evaluated at I, so without
+    `renormalize` the value is a partial sum (it can be negative)."""
+
     topk_from: str = "student"
+    """I is the student's top-k (`student`, OPCD's default), the teacher's (`teacher`), or their
+    union (`union`, 1 to 2k tokens per position). Ties are broken towards the lower global index."""
+
     renormalize: bool = False
+    """Renormalise both distributions over I before the sum (a no-op for exact)."""
+
     temperature: float = 1.0
+    """Both logits are divided by it before the softmax (use the sampling temperature)."""
+
     beta: float = 0.5
-    chunk_tokens: int = 512
+    """jsd only: the teacher's weight in the mixture, in [0, 1]."""
+
+    chunk_tokens: int = 1024
+    """Tokens per chunk; bounds the extra memory to a few fp32 `[chunk, v/tp]` buffers in forward
+    and backward (docs/losses.md, "Memory model"). The values do not depend on it."""
+
     vocab_size: Optional[int] = None
+    """The true vocabulary size when the sharded vocabulary is padded; columns with global index
+    >= vocab_size are excluded (as if their logits were -inf). None: every column is a token."""
 
     def __post_init__(self):
         if self.kind not in M.KINDS:
@@ -339,16 +366,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
 def vocab_parallel_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    *,
-    kind: str = "reverse_kl",
-    topk: Optional[int] = 256,
-    topk_from: str = "student",
-    renormalize: bool = False,
-    temperature: float = 1.0,
-    beta: float = 0.5,
+    spec: DivergenceSpec = DivergenceSpec(),
     tp_group: Optional[dist.ProcessGroup] = None,
-    chunk_tokens: int = 512,
-    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token divergence between student and teacher, reduced across tensor-parallel ranks.
 
@@ -356,26 +375,8 @@ def vocab_parallel_divergence(
         student_logits: `[s, b, v/tp]` (any leading dims): this rank's vocabulary shard (global
             columns `rank * v/tp ...`), fp32 or bf16; the math runs in fp32 (fp64 on `[., k]`).
         teacher_logits: same shape; receives no gradient (it is treated as detached).
-        kind: `reverse_kl` = sum_i p_s (log p_s - log p_t), OPCD's loss; `forward_kl` =
-            sum_i p_t (log p_t - log p_s); `jsd` = beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
-            m = beta p_t + (1 - beta) p_s (TRL's generalised JSD; beta = 0 gives forward KL and
-            beta = 1 reverse KL, as in TRL, since the formula itself vanishes there).
-        topk: None for the exact divergence over the whole vocabulary; k to sum over an index set
-            I of k tokens per position chosen over the whole vocabulary (values above the
-            vocabulary size are clamped to it). p_s and p_t are still the full-vocabulary
-            softmaxes evaluated at I, so without `renormalize` the value is a partial sum (it can
-            be negative).
-        topk_from: I is the student's top-k (`student`, OPCD's default), the teacher's
-            (`teacher`), or their union (`union`, 1 to 2k tokens per position). Ties are broken
-            towards the lower global index.
-        renormalize: renormalise both distributions over I before the sum (a no-op for exact).
-        temperature: both logits are divided by it before the softmax.
-        beta: the jsd weight of the teacher in the mixture, in [0, 1].
+        spec: what to compute (`DivergenceSpec`'s fields say what each setting means).
         tp_group: the tensor-parallel group over which the vocabulary is sharded; None = no TP.
-        chunk_tokens: tokens per chunk; bounds the extra memory to a few fp32 `[chunk, v/tp]`
-            buffers in forward and backward.
-        vocab_size: the true vocabulary size when the sharded vocabulary is padded; columns with
-            global index >= vocab_size are excluded (as if their logits were -inf).
 
     Returns:
         `[s, b]` fp32, the same on every rank of `tp_group`, differentiable w.r.t. `student_logits`.
@@ -385,5 +386,4 @@ def vocab_parallel_divergence(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must have the same shape [s, b, v/tp]"
         )
-    spec = DivergenceSpec(kind, topk, topk_from, renormalize, temperature, beta, chunk_tokens, vocab_size)
     return _VocabParallelDivergence.apply(student_logits, teacher_logits, spec, tp_group)

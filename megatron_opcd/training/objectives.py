@@ -92,17 +92,5 @@ def build_objective(cfg, *, vocab_size: int, tp_group) -> Objective:
     """The objective a TrainConfig asks for."""
     if cfg.algorithm.name == "seqkd":
         return SequenceKDObjective(average=cfg.loss.average, vocab_size=vocab_size, tp_group=tp_group)
-    loss = DivergenceLoss(
-        kind=cfg.loss_kind,
-        topk=cfg.loss.topk,
-        topk_from=cfg.loss_topk_from,
-        renormalize=cfg.loss.renormalize,
-        temperature=cfg.loss_temperature,
-        beta=cfg.loss.beta,
-        average=cfg.loss.average,
-        batch_first=False,
-        chunk_tokens=cfg.loss.chunk_tokens,
-        vocab_size=vocab_size,
-        tp_group=tp_group,
-    )
+    loss = DivergenceLoss(cfg.divergence(vocab_size), average=cfg.loss.average, batch_first=False, tp_group=tp_group)
     return DistillationObjective(loss)

@@ -14,9 +14,11 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """How `generate` picks each new token and when it stops."""
+    """How `generate` picks each new token and when it stops: the one declaration of the sampling
+    settings and their defaults. The trainer's `generation:` section builds one per rollout
+    (`training.config.GenerationConfig.build`, which adds the tokenizer's EOS ids and the seed)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = 256
     """Most tokens generated per prompt (the EOS token counts)."""
 
     temperature: float = 1.0

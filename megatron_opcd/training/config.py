@@ -32,6 +32,7 @@ from megatron_opcd.config import (
     load_yaml,
 )
 from megatron_opcd.envs.config import GameConfig
+from megatron_opcd.generation.sampling import SamplingParams
 from megatron_opcd.losses.divergence import DivergenceSpec
 
 
@@ -199,19 +200,22 @@ class LossConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 256
+    """The `generation:` section: rollout sampling as YAML keys. The settings and their defaults are
+    declared once in `generation.SamplingParams`, which `build` makes for each rollout."""
+
+    max_new_tokens: int = SamplingParams.max_new_tokens
     """Longest response."""
 
-    temperature: float = 1.0
+    temperature: float = SamplingParams.temperature
     """Rollout sampling temperature (also the loss temperature unless loss.temperature is set)."""
 
-    top_k: int = 0
+    top_k: int = SamplingParams.top_k
     """Sample among the k most likely tokens (0: off)."""
 
-    top_p: float = 1.0
+    top_p: float = SamplingParams.top_p
     """Nucleus sampling (1.0: off)."""
 
-    greedy: bool = False
+    greedy: bool = SamplingParams.greedy
     """Greedy rollouts (debugging; OPCD samples)."""
 
     stop_strings: list[str] = field(default_factory=list)
@@ -224,6 +228,19 @@ class GenerationConfig:
             raise ConfigError(f"generation.temperature={self.temperature} must be > 0 (use generation.greedy=true)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generation.top_p={self.top_p} must be in (0, 1]")
+        try:  # the sampler's own checks (top_k, stop_strings) at load time, not on the first rollout
+            self.build(eos_ids=(), seed=0)
+        except ValueError as exc:
+            raise ConfigError(f"generation: {exc}") from None
+
+    def build(self, *, eos_ids, seed: int, max_new_tokens: Optional[int] = None,
+              greedy: Optional[bool] = None) -> SamplingParams:
+        """The sampling parameters of one rollout; `max_new_tokens`/`greedy` given: the evaluation's own."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, greedy=self.greedy if greedy is None else greedy, eos_ids=tuple(eos_ids),
+            stop_strings=tuple(self.stop_strings), seed=seed,
+        )
 
 
 @dataclass

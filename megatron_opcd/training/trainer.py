@@ -261,13 +261,8 @@ class Trainer:
 
     def _sampling(self, step: int, *, greedy: Optional[bool] = None, max_new_tokens: Optional[int] = None,
                   salt: int = 0):
-        from megatron_opcd.generation import SamplingParams
-
-        g = self.cfg.generation
-        return SamplingParams(
-            max_new_tokens=max_new_tokens or g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
-            top_p=g.top_p, greedy=g.greedy if greedy is None else greedy,
-            eos_ids=tuple(self.tokenizer.eos_ids), stop_strings=tuple(g.stop_strings),
+        return self.cfg.generation.build(
+            eos_ids=self.tokenizer.eos_ids, max_new_tokens=max_new_tokens, greedy=greedy,
             # Rollout randomness depends only on (seed, step, DP rank): a resumed run samples the same.
             seed=(self.cfg.data.seed * 1_000_003 + step * 7_919 + self.groups.dp_rank * 104_729 + salt) % (2**63),
         )

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_opcd.losses.functional as M  # the submodule itself: never the package __init__ (no cycle)
+from megatron_opcd.losses.vocab import VocabShard
 
 TOPK_FROM = ("student", "teacher", "union")
 
@@ -101,46 +102,6 @@ class DivergenceSpec:
         return self.kind
 
 
-@dataclass(frozen=True)
-class _Shard:
-    """This rank's slice of the (padded) vocabulary: columns [start, start + v_local) globally,
-    of which the first `n_valid` are real tokens (global index < the true vocabulary size)."""
-
-    group: Optional[dist.ProcessGroup]
-    rank: int
-    size: int
-    v_local: int
-    start: int
-    n_valid: int
-    vocab_size: int
-
-    @staticmethod
-    def of(v_local: int, group, vocab_size: Optional[int]) -> "_Shard":
-        size = dist.get_world_size(group) if group is not None else 1
-        rank = dist.get_rank(group) if group is not None else 0
-        padded = v_local * size
-        true_v = padded if vocab_size is None else vocab_size
-        if true_v > padded:
-            raise ValueError(f"vocab_size={vocab_size} exceeds the padded vocabulary {size} x {v_local} = {padded}")
-        start = rank * v_local
-        n_valid = max(0, min(v_local, true_v - start))
-        return _Shard(group if size > 1 else None, rank, size, v_local, start, n_valid, true_v)
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """`[tp, *t.shape]`, every rank's `t` in rank order."""
-        if self.group is None:
-            return t.unsqueeze(0)
-        out = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(out, t.contiguous(), group=self.group)
-        return torch.stack(out)
-
-    def all_reduce_owned(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of tensors in which each entry is nonzero on at most one rank: exact in any order."""
-        if self.group is not None:
-            dist.all_reduce(t, group=self.group)
-        return t
-
-
 class _Scratch:
     """Reusable fp32 `[rows, cols]` buffers, one per slot, allocated once per forward / backward:
     every chunk and both models reuse them instead of allocating (and, on CPU, page-faulting) a
@@ -186,7 +147,7 @@ def _log_ratio(zs, zt, log_zs, log_zt, temperature: float, scratch: _Scratch) ->
 # ------------------------------------------------------------------------------------------------
 
 
-def _lse_both(zs, zt, spec: DivergenceSpec, shard: _Shard, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+def _lse_both(zs, zt, spec: DivergenceSpec, shard: VocabShard, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary log-normalisers `[c]` (fp64) of both models' scaled logits."""
     parts = []
     for z in (zs, zt):
@@ -322,7 +283,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, spec: DivergenceSpec, tp_group):
         v_local = student_logits.shape[-1]
-        shard = _Shard.of(v_local, tp_group, spec.vocab_size)
+        shard = VocabShard.of(v_local, tp_group, spec.vocab_size)
         zs = student_logits.detach().reshape(-1, v_local)  # [T, v/tp]; a view for contiguous input
         zt = teacher_logits.detach().reshape(-1, v_local)
         chunk = _exact_forward_chunk if spec.topk is None else _topk_forward_chunk

@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_opcd.parallel import dp_share
+
 
 def _eval_examples(trainer):
     """This DP rank's share of the first `evaluation.num_prompts` held-out examples: the same set
     at any DP size (a rank past the end gets none, e.g. 10 prompts at DP = 8)."""
     examples = trainer.eval_examples or trainer.stream.examples
     chosen = examples[:trainer.cfg.evaluation.num_prompts]
-    per_dp = -(-len(chosen) // trainer.groups.dp_size)
-    start = trainer.groups.dp_rank * per_dp
-    return chosen[start:start + per_dp]
+    return chosen[dp_share(len(chosen), trainer.groups.dp_rank, trainer.groups.dp_size)]
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream
 from megatron_opcd.data.render import common_prefix, shared_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
-from megatron_opcd.parallel import ParallelGroups
+from megatron_opcd.parallel import ParallelGroups, dp_share
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
 from megatron_opcd.training.engine import (
     configure_schedule,
@@ -274,8 +274,7 @@ class Trainer:
         """This DP rank's slice of the next global batch, each example repeated samples_per_prompt times."""
         s = self.cfg.schedule
         global_examples = self.stream.take(s.global_batch_size)  # same on every rank: the stream is deterministic
-        per_dp = s.global_batch_size // self.groups.dp_size
-        mine = global_examples[self.groups.dp_rank * per_dp:(self.groups.dp_rank + 1) * per_dp]
+        mine = global_examples[dp_share(s.global_batch_size, self.groups.dp_rank, self.groups.dp_size)]
         return [e for e in mine for _ in range(s.samples_per_prompt)]
 
     def select_batch(self, step: int) -> Batch:

@@ -11,7 +11,7 @@ stage.py), so a row's pads between prefix and prompt change nothing it computes:
 (prefilled once at batch 1) sits at slots [0, P) of every row and the prompt prefill covers slots
 [P, P+L). An empty prompt's row takes the prefix's last token as its prompt (see `_layout`).
 
-Each step the last stage gathers the full-vocabulary logits of the last position, masks the padded
+Each step the last stage gathers the full-vocabulary logits of the last position, drops the padded
 vocabulary, samples with one seeded generator, and broadcasts (token, log-prob) to every rank of
 the model.
 """

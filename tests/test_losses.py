@@ -391,6 +391,66 @@ def test_shape_mismatch_is_loud():
 
 
 # ----------------------------------------------------------------------------------------------
+# The vocabulary's TP split and the one vocab-parallel log-softmax (losses/vocab.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_padding_columns_and_mask():
+    from megatron_opcd.losses import mask_padded_vocab
+    from megatron_opcd.losses.vocab import real_columns
+
+    # 70 real tokens of 96 at TP = 4 (24 a shard): 24, 24, 22, 0.
+    assert [real_columns(24, r, 70) for r in range(4)] == [24, 24, 22, 0]
+    assert real_columns(24, 3, None) == 24
+    z = torch.randn(2, 24)
+    masked = mask_padded_vocab(z, 2, 70)
+    assert torch.equal(masked[:, :22], z[:, :22]) and torch.isneginf(masked[:, 22:]).all()
+    unpadded = mask_padded_vocab(z, 0, 70)
+    assert torch.equal(unpadded, z) and unpadded is not z  # always a new tensor (megatron's CE works in place)
+
+
+def _token_logprob_cases(vocab_sizes, distributed: bool):
+    """This rank's token log-probs for each vocabulary size, targets over the real tokens."""
+    import torch.distributed as dist
+
+    from megatron_opcd.losses import vocab_parallel_token_logprobs
+
+    group, rank, tp = None, 0, 1
+    if distributed:
+        dist.init_process_group("gloo")
+        group, rank, tp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    out = []
+    for i, vocab in enumerate(vocab_sizes):
+        zs, _, _ = _inputs(300 + i)
+        targets = torch.randint(0, vocab or V, (S, B), generator=torch.Generator().manual_seed(i))
+        vl = V // tp
+        out.append(vocab_parallel_token_logprobs(zs[..., rank * vl : (rank + 1) * vl], targets, group, vocab))
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_token_logprobs_match_the_float64_log_softmax(tp, run_ranks):
+    """Every rank the same values, within float32 rounding of the float64 full-vocabulary log-softmax,
+    padding (70 and 90 of 96 columns; at TP = 4 the last rank holds no real token) excluded."""
+    vocabs = [None, 90, 70]
+    if tp == 1:
+        ranks = [_token_logprob_cases(vocabs, distributed=False)]
+    else:
+        ranks = run_ranks(_token_logprob_cases, tp, vocabs, True, timeout=240)
+    for i, vocab in enumerate(vocabs):
+        for r in ranks[1:]:
+            assert torch.equal(r[i], ranks[0][i])
+        zs, _, _ = _inputs(300 + i)
+        n = vocab or V
+        targets = torch.randint(0, n, (S, B), generator=torch.Generator().manual_seed(i))
+        ref = torch.log_softmax(zs[..., :n].double(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        got = ranks[0][i]
+        assert got.dtype == torch.float32 and got.shape == (S, B)
+        # fp32 logits, fp64 arithmetic: only the final rounding to fp32 (relative 6e-8) remains.
+        assert (got.double() - ref).abs().max() <= 1e-6 * ref.abs().max(), (tp, vocab)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loss wrapper and megatron-core's contract
 # ----------------------------------------------------------------------------------------------
 

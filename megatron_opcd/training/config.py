@@ -231,7 +231,7 @@ class GenerationConfig:
         try:  # the sampler's own checks (top_k, stop_strings) at load time, not on the first rollout
             self.build(eos_ids=(), seed=0)
         except ValueError as exc:
-            raise ConfigError(f"generation: {exc}") from None
+            raise ConfigError(str(exc).replace("SamplingParams.", "generation.")) from None
 
     def build(self, *, eos_ids, seed: int, max_new_tokens: Optional[int] = None,
               greedy: Optional[bool] = None) -> SamplingParams:

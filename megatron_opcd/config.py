@@ -213,18 +213,46 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def set_dotted(data: dict, path: list[str], value: Any, where: str) -> None:
+    """`data[a][b][c] = value` for path `[a, b, c]`, creating missing sections; `where` names the
+    setting in the error when a part on the way is a value, not a section."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, path, value, f"override '{text}'")
+    return data
+
+
+def peek_setting(config_path: Optional[str | Path], overrides: list[str], key: str) -> Any:
+    """The value of the dotted `key` in the YAML file with the overrides applied, or None; read
+    leniently, for a setting needed before the config is validated (`logging.debug` decides how a
+    config error is shown): an unreadable file or a malformed override is skipped, not raised."""
+    data: Any = {}
+    if config_path:
+        try:
+            data = load_yaml(config_path)
+        except ConfigError:
+            pass
+    for text in overrides:
+        try:
+            apply_overrides(data, [text])
+        except ConfigError:
+            pass
+    for part in key.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
     return data
 
 
@@ -526,6 +554,8 @@ __all__ = [
     "from_dict",
     "load_yaml",
     "parse_override",
+    "peek_setting",
+    "set_dotted",
     "to_dict",
     "field",
 ]

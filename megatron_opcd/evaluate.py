@@ -53,18 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def task_from_args(name: str, pairs: list[str]):
-    """The task `name` with `--task-arg KEY=VALUE` arguments (values parsed as YAML, as in configs)."""
-    import yaml
-
-    from megatron_opcd.config import ConfigError
+    """The task `name` with `--task-arg KEY=VALUE` arguments (values parsed as YAML by the
+    config's own override parser)."""
+    from megatron_opcd.config import ConfigError, parse_override
     from megatron_opcd.evaluation import get_task
 
     kwargs = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if "=" not in pair or pair.startswith("="):
             raise ConfigError(f"--task-arg {pair!r} is not of the form KEY=VALUE")
-        kwargs[key] = yaml.safe_load(value) if value else ""
+        path, value = parse_override(pair)
+        kwargs[".".join(path)] = value
     return get_task(name, **kwargs)
 
 

@@ -12,7 +12,7 @@ decode matmuls of the 28M benchmark model 17.7 -> 11.7 ms, the 17 of the 5M mode
 than MKL's.
 
 `topk_rows`: the k largest entries of each row, ties at the k-th value to the lower columns (the
-rule `losses.math.local_topk` implements on top of `torch.topk`), as a set in column order. A
+rule `losses.functional.local_topk` implements on top of `torch.topk`), as a set in column order. A
 radix select on order-preserving 32-bit keys of the floats (the top 11 bits counted in four
 interleaved histograms, then the next 11 and the last 10 among the candidates of the chosen
 bucket), then one collecting pass. [512, 8192] with k = 256, one thread: 47 -> 12 ms.

@@ -191,6 +191,14 @@ def groups() -> ParallelGroups:
     return _GROUPS
 
 
+def dp_share(n: int, dp_rank: int, dp_size: int) -> slice:
+    """This data-parallel replica's contiguous share of `n` items (examples, prompts, levels):
+    ceil(n / dp_size) each in rank order, so the last replicas may get fewer, or none (a replica
+    with none must still join the collectives that follow)."""
+    per = -(-n // dp_size)  # ceil
+    return slice(min(n, dp_rank * per), min(n, (dp_rank + 1) * per))
+
+
 def is_initialized() -> bool:
     return _GROUPS is not None
 

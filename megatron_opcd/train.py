@@ -2,7 +2,8 @@
 
 Also under `srun` (SLURM's variables are mapped to torchrun's). Errors in the configuration or the
 data end the job with one line naming the problem and the fix, and a non-zero exit, on every rank;
-`logging.debug=true` (or OPCD_DEBUG=1) shows the traceback instead.
+`logging.debug: true` in the config or `logging.debug=true` on the command line (or OPCD_DEBUG=1)
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -76,7 +77,11 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     _srun_env()
-    debug = os.environ.get("OPCD_DEBUG") == "1" or any(o.replace(" ", "") == "logging.debug=true" for o in args.overrides)
+    from megatron_opcd.config import peek_setting
+
+    # From the YAML and the overrides alike (the same parser as the config's), before the config
+    # is validated: it decides how that validation's own errors are shown.
+    debug = os.environ.get("OPCD_DEBUG") == "1" or peek_setting(args.config, args.overrides, "logging.debug") is True
     outcome: dict = {}
     rc = run_cli(lambda: outcome.update(run(args.config, args.overrides)), debug=debug)
     if rc == 0 and (outcome.get("last") or {}).get("stopped_by_signal"):

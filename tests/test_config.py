@@ -12,6 +12,8 @@ from megatron_opcd.config import (
     check_runtime,
     from_dict,
     load_yaml,
+    peek_setting,
+    set_dotted,
 )
 
 
@@ -29,6 +31,28 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.num_layers == 4 and cfg.qk_layernorm is True and cfg.hidden_size == 64
     # PyYAML reads 1e-6 as a string; the typed loader makes it the float it means.
     assert cfg.norm_epsilon == pytest.approx(1e-6)
+
+
+def test_set_dotted_creates_sections_and_refuses_a_value_on_the_way():
+    data = {"loss": None, "model": {"num_layers": 2}}
+    set_dotted(data, ["loss", "topk"], None, "here")
+    set_dotted(data, ["model", "hidden_size"], 64, "here")
+    assert data == {"loss": {"topk": None}, "model": {"num_layers": 2, "hidden_size": 64}}
+    with pytest.raises(ConfigError, match="here: 'num_layers' is not a section"):
+        set_dotted(data, ["model", "num_layers", "x"], 1, "here")
+
+
+def test_peek_setting_reads_the_yaml_and_the_overrides_leniently(tmp_path):
+    """logging.debug is read before the config is validated: from the file (it once counted only
+    as the literal override `logging.debug=true`), overridden on the command line, and still
+    answered when the file or another override is broken."""
+    path = tmp_path / "c.yaml"
+    path.write_text("logging:\n  debug: true\nmodel:\n  hiden_size: 64\n")
+    assert peek_setting(path, [], "logging.debug") is True
+    assert peek_setting(path, ["logging.debug=false"], "logging.debug") is False
+    assert peek_setting(path, ["schedule.steps", "model.hiden_size.x=1"], "logging.debug") is True
+    assert peek_setting(tmp_path / "missing.yaml", ["logging.debug = true"], "logging.debug") is True
+    assert peek_setting(None, [], "logging.debug") is None
 
 
 def test_unknown_key_suggests_the_right_one():

@@ -268,3 +268,16 @@ def test_evaluate_task_single_and_data_parallel(run_ranks, tok_path):
             assert r[key]["accuracy"] == one[key]["accuracy"] and r[key]["n"] == one[key]["n"]
             assert r[key]["samples"] == one[key]["samples"]
     assert two[0]["sampled_a"] == two[1]["sampled_a"]
+
+
+def test_dp_share_splits_in_rank_order_and_covers_every_item_once():
+    """The one DP slicer (evaluation, game evaluation, the trainer's batches): contiguous ceil(n/dp)
+    shares, the last replicas with fewer or none (10 prompts at DP = 8: 2,2,2,2,2,0,0,0)."""
+    from megatron_opcd.parallel import dp_share
+
+    for n, dp in [(10, 8), (8, 2), (7, 3), (0, 4), (5, 1), (3, 5)]:
+        shares = [list(range(n))[dp_share(n, r, dp)] for r in range(dp)]
+        assert sum(shares, []) == list(range(n)), (n, dp)
+        per = -(-n // dp)
+        assert [len(s) for s in shares] == [min(per, max(0, n - r * per)) for r in range(dp)], (n, dp)
+    assert [len(range(10)[dp_share(10, r, 8)]) for r in range(8)] == [2, 2, 2, 2, 2, 0, 0, 0]

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from megatron_opcd.losses import DivergenceLoss, bind_loss_func, masked_sums, vocab_parallel_divergence
+from megatron_opcd.losses import DivergenceLoss, DivergenceSpec, bind_loss_func, masked_sums, vocab_parallel_divergence
 
 S, B, V = 3, 4, 96  # 12 tokens, vocabulary 96 (divisible by TP = 1, 2, 4)
 K = 8
@@ -134,7 +134,7 @@ def _run_case(case: dict, seed: int, dtype, rank: int, tp: int, group):
     vl = V // tp
     shard_s = zs[..., rank * vl : (rank + 1) * vl].clone().requires_grad_()
     shard_t = zt[..., rank * vl : (rank + 1) * vl].clone()
-    out = vocab_parallel_divergence(shard_s, shard_t, tp_group=group, **case)
+    out = vocab_parallel_divergence(shard_s, shard_t, DivergenceSpec(**case), tp_group=group)
     (out * w).sum().backward()
     return out.detach(), shard_s.grad
 
@@ -147,10 +147,18 @@ def _rank_cases(cases, bf16_cases):
     rank, tp = dist.get_rank(), dist.get_world_size()
     fp32 = [_run_case(c, 100 + i, torch.float32, rank, tp, dist.group.WORLD) for i, c in enumerate(cases)]
     bf16 = [_run_case(c, 200 + i, torch.bfloat16, rank, tp, dist.group.WORLD) for i, c in enumerate(bf16_cases)]
-    # A size-1 process group must behave as tp_group=None (every rank builds every group).
-    singles = [dist.new_group([r]) for r in range(tp)]
-    single = [_run_case(c, 100 + i, torch.float32, 0, 1, singles[rank]) for i, c in enumerate(cases[:4])]
-    return fp32, bf16, single
+    return fp32, bf16, _size_one_group_cases(cases[:4])
+
+
+def _size_one_group_cases(cases):
+    """The cases on a size-1 process group of this rank (every rank builds every group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # TP = 1: a one-rank gloo world of its own
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    singles = [dist.new_group([r]) for r in range(world)]
+    return [_run_case(c, 100 + i, torch.float32, 0, 1, singles[rank]) for i, c in enumerate(cases)]
 
 
 _RESULTS: dict[int, tuple] = {}
@@ -164,7 +172,9 @@ def results(request, run_ranks):
         if tp == 1:
             fp32 = [_run_case(c, 100 + i, torch.float32, 0, 1, None) for i, c in enumerate(CASES)]
             bf16 = [_run_case(c, 200 + i, torch.bfloat16, 0, 1, None) for i, c in enumerate(BF16_CASES)]
-            _RESULTS[tp] = [(fp32, bf16, [])]
+            # The size-1 group needs torch.distributed: one spawned rank, not this process.
+            (single,) = run_ranks(_size_one_group_cases, 1, CASES[:4], timeout=240)
+            _RESULTS[tp] = [(fp32, bf16, single)]
         else:
             _RESULTS[tp] = run_ranks(_rank_cases, tp, CASES, BF16_CASES, timeout=240)
     return _RESULTS[tp]
@@ -217,8 +227,12 @@ def test_values_and_grads_match_reference_bf16(results):
 
 
 def test_size_one_group_equals_no_group(results):
+    """A size-1 process group must behave as tp_group=None: bitwise the same values and gradient."""
     for r in results:
+        assert len(r[2]) == 4, "every world size runs the first four cases on a size-1 group"
         for i, (values, grad) in enumerate(r[2]):
+            ref_v, ref_g = _run_case(CASES[i], 100 + i, torch.float32, 0, 1, None)
+            assert torch.equal(values, ref_v) and torch.equal(grad, ref_g), f"size-1 group {CASES[i]}"
             _check(values, grad, CASES[i], 100 + i, torch.float32, 1, "size-1 group")
 
 
@@ -238,7 +252,7 @@ def test_zero_for_identical_distributions(kind):
     for setting in SETTINGS:
         x = zs.clone().requires_grad_()
         # Shifting the teacher's logits by a constant per token leaves its distribution unchanged.
-        out = vocab_parallel_divergence(x, zs + 3.0, kind=kind, temperature=0.8, **setting)
+        out = vocab_parallel_divergence(x, zs + 3.0, DivergenceSpec(kind=kind, temperature=0.8, **setting))
         out.sum().backward()
         assert out.abs().max() < 1e-6, setting
         if setting["topk"] is None or setting["renormalize"]:
@@ -250,30 +264,31 @@ def test_zero_for_identical_distributions(kind):
 def test_exact_divergences_are_nonnegative(kind):
     for seed in range(5):
         zs, zt, _ = _inputs(seed)
-        out = vocab_parallel_divergence(zs * (seed + 1), zt, kind=kind, topk=None, beta=0.3)
+        out = vocab_parallel_divergence(zs * (seed + 1), zt, DivergenceSpec(kind=kind, topk=None, beta=0.3))
         assert (out >= 0).all()
         assert (out > 1e-3).all()  # different random distributions
 
 
 def test_reverse_and_forward_are_asymmetric_and_swap():
     zs, zt, _ = _inputs(2)
-    rev = vocab_parallel_divergence(zs, zt, kind="reverse_kl", topk=None)
-    fwd = vocab_parallel_divergence(zs, zt, kind="forward_kl", topk=None)
+    rev = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind="reverse_kl", topk=None))
+    fwd = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind="forward_kl", topk=None))
     assert (rev - fwd).abs().min() > 1e-4  # KL(p_s||p_t) != KL(p_t||p_s)
     # ... and the directions are named right: forward KL is reverse KL with the roles swapped.
-    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, kind="forward_kl", topk=None), rev)
+    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, DivergenceSpec(kind="forward_kl", topk=None)), rev)
     # jsd is symmetric at beta = 0.5, and beta swaps the roles.
-    jsd = vocab_parallel_divergence(zs, zt, kind="jsd", topk=None, beta=0.3)
-    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, kind="jsd", topk=None, beta=0.7), jsd)
+    jsd = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind="jsd", topk=None, beta=0.3))
+    torch.testing.assert_close(vocab_parallel_divergence(zt, zs, DivergenceSpec(kind="jsd", topk=None, beta=0.7)), jsd)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_topk_of_the_whole_vocabulary_is_exact(kind):
     zs, zt, w = _inputs(3)
-    exact = vocab_parallel_divergence(zs, zt, kind=kind, topk=None, temperature=0.9)
+    exact = vocab_parallel_divergence(zs, zt, DivergenceSpec(kind=kind, topk=None, temperature=0.9))
     for topk, f, r in itertools.product((V, V + 10), ("student", "teacher", "union"), (False, True)):
         x = zs.clone().requires_grad_()
-        out = vocab_parallel_divergence(x, zt, kind=kind, topk=topk, topk_from=f, renormalize=r, temperature=0.9)
+        spec = DivergenceSpec(kind=kind, topk=topk, topk_from=f, renormalize=r, temperature=0.9)
+        out = vocab_parallel_divergence(x, zt, spec)
         torch.testing.assert_close(out, exact, rtol=1e-6, atol=1e-6)
 
 
@@ -283,7 +298,7 @@ def test_chunked_equals_unchunked():
         outs, grads = [], []
         for chunk in (1, 5, 7, 1000):
             x = zs.clone().requires_grad_()
-            out = vocab_parallel_divergence(x, zt, kind=kind, chunk_tokens=chunk, **setting)
+            out = vocab_parallel_divergence(x, zt, DivergenceSpec(kind=kind, chunk_tokens=chunk, **setting))
             (out * w).sum().backward()
             outs.append(out)
             grads.append(x.grad)
@@ -296,7 +311,7 @@ def test_teacher_gets_no_gradient_and_inputs_are_untouched():
     zs, zt, _ = _inputs(5)
     x, y = zs.clone().requires_grad_(), zt.clone().requires_grad_()
     for topk in (None, K):
-        vocab_parallel_divergence(x, y, topk=topk, temperature=0.5).sum().backward()
+        vocab_parallel_divergence(x, y, DivergenceSpec(topk=topk, temperature=0.5)).sum().backward()
     assert y.grad is None and x.grad is not None
     assert torch.equal(x.detach(), zs) and torch.equal(y.detach(), zt)
 
@@ -306,7 +321,7 @@ def test_topk_ties_break_towards_the_lower_index():
     zs = torch.zeros(1, 1, V)
     zt = torch.zeros(1, 1, V)
     zt[..., 0] = 1.0  # teacher differs only at token 0
-    out = vocab_parallel_divergence(zs, zt, topk=2)
+    out = vocab_parallel_divergence(zs, zt, DivergenceSpec(topk=2))
     ref = reference(zs, zt, topk=2)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
 
@@ -321,7 +336,7 @@ def test_local_topk_kernel_and_torch_paths_pick_the_same_columns(monkeypatch):
     pick exactly the reference set: many ties (bf16-rounded logits, constant rows), -0.0 and
     +0.0, -inf padding, strided rows, n not a multiple of 4, k = 1 and k = n - 1."""
     from megatron_opcd import native
-    from megatron_opcd.losses.math import local_topk
+    from megatron_opcd.losses.functional import local_topk
 
     if not native.native_status()[0]:
         pytest.skip(f"CPU kernels unavailable here: {native.native_status()[1]}")
@@ -367,12 +382,72 @@ def test_local_topk_kernel_and_torch_paths_pick_the_same_columns(monkeypatch):
 def test_bad_arguments_are_loud(kwargs, message):
     zs, zt, _ = _inputs(0)
     with pytest.raises(ValueError, match=message):
-        vocab_parallel_divergence(zs, zt, **kwargs)
+        vocab_parallel_divergence(zs, zt, DivergenceSpec(**kwargs))
 
 
 def test_shape_mismatch_is_loud():
     with pytest.raises(ValueError, match="same shape"):
         vocab_parallel_divergence(torch.zeros(2, 1, 8), torch.zeros(2, 1, 7))
+
+
+# ----------------------------------------------------------------------------------------------
+# The vocabulary's TP split and the one vocab-parallel log-softmax (losses/vocab.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_padding_columns_and_mask():
+    from megatron_opcd.losses import mask_padded_vocab
+    from megatron_opcd.losses.vocab import real_columns
+
+    # 70 real tokens of 96 at TP = 4 (24 a shard): 24, 24, 22, 0.
+    assert [real_columns(24, r, 70) for r in range(4)] == [24, 24, 22, 0]
+    assert real_columns(24, 3, None) == 24
+    z = torch.randn(2, 24)
+    masked = mask_padded_vocab(z, 2, 70)
+    assert torch.equal(masked[:, :22], z[:, :22]) and torch.isneginf(masked[:, 22:]).all()
+    unpadded = mask_padded_vocab(z, 0, 70)
+    assert torch.equal(unpadded, z) and unpadded is not z  # always a new tensor (megatron's CE works in place)
+
+
+def _token_logprob_cases(vocab_sizes, distributed: bool):
+    """This rank's token log-probs for each vocabulary size, targets over the real tokens."""
+    import torch.distributed as dist
+
+    from megatron_opcd.losses import vocab_parallel_token_logprobs
+
+    group, rank, tp = None, 0, 1
+    if distributed:
+        dist.init_process_group("gloo")
+        group, rank, tp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    out = []
+    for i, vocab in enumerate(vocab_sizes):
+        zs, _, _ = _inputs(300 + i)
+        targets = torch.randint(0, vocab or V, (S, B), generator=torch.Generator().manual_seed(i))
+        vl = V // tp
+        out.append(vocab_parallel_token_logprobs(zs[..., rank * vl : (rank + 1) * vl], targets, group, vocab))
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_token_logprobs_match_the_float64_log_softmax(tp, run_ranks):
+    """Every rank the same values, within float32 rounding of the float64 full-vocabulary log-softmax,
+    padding (70 and 90 of 96 columns; at TP = 4 the last rank holds no real token) excluded."""
+    vocabs = [None, 90, 70]
+    if tp == 1:
+        ranks = [_token_logprob_cases(vocabs, distributed=False)]
+    else:
+        ranks = run_ranks(_token_logprob_cases, tp, vocabs, True, timeout=240)
+    for i, vocab in enumerate(vocabs):
+        for r in ranks[1:]:
+            assert torch.equal(r[i], ranks[0][i])
+        zs, _, _ = _inputs(300 + i)
+        n = vocab or V
+        targets = torch.randint(0, n, (S, B), generator=torch.Generator().manual_seed(i))
+        ref = torch.log_softmax(zs[..., :n].double(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        got = ranks[0][i]
+        assert got.dtype == torch.float32 and got.shape == (S, B)
+        # fp32 logits, fp64 arithmetic: only the final rounding to fp32 (relative 6e-8) remains.
+        assert (got.double() - ref).abs().max() <= 1e-6 * ref.abs().max(), (tp, vocab)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,11 +467,11 @@ def test_sequence_and_token_averages():
     zs, zt, _ = _inputs(6)
     mask = _mask()
     per_tok = reference(zs, zt, topk=K).float()
-    loss, units, metrics = DivergenceLoss(topk=K)(zs, zt, mask)
+    loss, units, metrics = DivergenceLoss(DivergenceSpec(topk=K))(zs, zt, mask)
     expected = sum(per_tok[mask[:, b], b].mean() for b in range(3))  # 1/|y| sum_t, summed over sequences
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     assert units.item() == 3 and units.dtype == torch.int  # sequence 3 has no response
-    loss_t, tokens, _ = DivergenceLoss(topk=K, average="token")(zs, zt, mask)
+    loss_t, tokens, _ = DivergenceLoss(DivergenceSpec(topk=K), average="token")(zs, zt, mask)
     torch.testing.assert_close(loss_t, per_tok[mask].sum(), rtol=1e-6, atol=0)
     assert tokens.item() == 6
     assert metrics["distill loss"].tolist() == pytest.approx([loss.item(), 3.0])
@@ -405,7 +480,7 @@ def test_sequence_and_token_averages():
 def test_masked_positions_are_excluded():
     zs, zt, _ = _inputs(7)
     mask = _mask()
-    loss_fn = DivergenceLoss(topk=None, kind="jsd")
+    loss_fn = DivergenceLoss(DivergenceSpec(topk=None, kind="jsd"))
     x = zs.clone().requires_grad_()
     loss, _, _ = loss_fn(x, zt, mask)
     loss.backward()
@@ -420,8 +495,8 @@ def test_masked_positions_are_excluded():
 def test_batch_first_layout():
     zs, zt, _ = _inputs(8)
     mask = _mask()
-    sb = DivergenceLoss(topk=K)(zs, zt, mask)[0]
-    bs = DivergenceLoss(topk=K, batch_first=True)(zs.transpose(0, 1).contiguous(), zt.transpose(0, 1).contiguous(), mask.T)[0]
+    sb = DivergenceLoss(DivergenceSpec(topk=K))(zs, zt, mask)[0]
+    bs = DivergenceLoss(DivergenceSpec(topk=K), batch_first=True)(zs.transpose(0, 1).contiguous(), zt.transpose(0, 1).contiguous(), mask.T)[0]
     torch.testing.assert_close(bs, sb)
 
 
@@ -443,7 +518,7 @@ def test_megatron_schedule_contract(per_token_loss):
 
     zs, zt, _ = _inputs(9)
     mask = _mask()
-    loss = DivergenceLoss(topk=K, temperature=0.7)
+    loss = DivergenceLoss(DivergenceSpec(topk=K, temperature=0.7))
     loss_func = bind_loss_func(loss, zt, mask)
     config = SimpleNamespace(calculate_per_token_loss=per_token_loss, timers=None, num_moe_experts=None, mtp_num_layers=None)
     store = []

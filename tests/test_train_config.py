@@ -37,6 +37,11 @@ def test_defaults_follow_the_paper(tmp_path):
     (BASE, ["loss.kind=kl"], "loss.kind: expected"),
     (BASE, ["schedule.warmup_steps=99"], "schedule.warmup_steps=99"),
     (BASE, ["generation.temperature=0"], "generation.temperature=0"),
+    # Checked by the runtime objects the sections build, at load time.
+    (BASE, ["loss.beta=1.5"], "loss.beta=1.5: the jsd weight must lie in [0, 1]"),
+    (BASE, ["loss.chunk_tokens=0"], "loss.chunk_tokens=0"),
+    (BASE, ["generation.top_k=-1"], "generation.top_k must be >= 0"),
+    (BASE, ["generation.stop_strings=['']"], "generation.stop_strings must not contain an empty string"),
     (BASE, ["teacher.mode=frozen"], "teacher.mode=frozen needs teacher.checkpoint"),
     ("model:\n  num_layers: 2\n", [], "data.train is required"),
     ("data:\n  train: x.jsonl\n", [], "give the student"),

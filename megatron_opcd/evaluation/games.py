@@ -21,12 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opcd.evaluation.experience import ExperienceRun, ExperienceStep, NO_EXPERIENCE, _key, accumulate, parse_items
+from megatron_opcd.parallel import dp_share
 from megatron_opcd.training.episodes import Episode, GameSetup, play_episodes
-
-
-def _dp_share(n: int, groups) -> slice:
-    per = -(-n // groups.dp_size)
-    return slice(min(n, groups.dp_rank * per), min(n, (groups.dp_rank + 1) * per))
 
 
 @torch.no_grad()
@@ -34,7 +30,7 @@ def evaluate_game(model, tokenizer, setup: GameSetup, seeds: Sequence[int], *, g
                   context: Optional[str] = None, batch_size: int = 64, return_episodes: bool = False) -> dict:
     """Success rate of `model` on levels `seeds`, playing without the context, or with `context`
     (the teacher's view). Each DP replica plays its share; every rank gets the totals."""
-    seeds = list(seeds)[_dp_share(len(seeds), groups)]
+    seeds = list(seeds)[dp_share(len(seeds), groups.dp_rank, groups.dp_size)]
     episodes: list[Episode] = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_opcd.data.prompts import Example
 from megatron_opcd.data.render import common_prefix
+from megatron_opcd.parallel import dp_share
 
 Contexts = Union[None, str, Sequence[Optional[str]]]
 
@@ -88,18 +89,13 @@ def generate_texts(model, tokenizer, rows: list[list[int]], *, groups, sampling,
     return texts
 
 
-def _dp_share(n: int, groups) -> slice:
-    per = -(-n // groups.dp_size)  # ceil: the last replicas may get fewer (or none)
-    return slice(min(n, groups.dp_rank * per), min(n, (groups.dp_rank + 1) * per))
-
-
 def evaluate_task(model, tokenizer, renderer, examples: Sequence[Example], task, *, groups, sampling,
                   vocab_size: int, contexts: Contexts = None, batch_size: int = 16) -> dict:
     """Accuracy of `model` on `examples` under `task`, without the context (`contexts=None`) or
     with it (one string for all, or one per example). See the module docstring."""
     examples = list(examples)
     ctx_all = _per_example(contexts, len(examples))
-    share = _dp_share(len(examples), groups)
+    share = dp_share(len(examples), groups.dp_rank, groups.dp_size)
     mine, my_ctx = examples[share], ctx_all[share]
     prompts = [task.format_prompt(e) for e in mine]
     with warnings.catch_warnings():

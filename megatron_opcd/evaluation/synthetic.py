@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from megatron_opcd.config import ConfigError
+from megatron_opcd.config import ConfigError, set_dotted
 from megatron_opcd.data.prompts import Example
 from megatron_opcd.evaluation.tasks import Task
 
@@ -213,11 +213,7 @@ def opcd_config(art: SyntheticArtifacts, **overrides) -> dict:
                        "max_new_tokens": 8, "greedy": True},
     }
     for dotted, value in overrides.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(cfg, dotted.split("."), value, f"opcd_config({dotted}=...)")
     return cfg
 
 

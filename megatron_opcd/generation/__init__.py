@@ -10,7 +10,7 @@ megatron-core's `StaticInferenceContext` as the KV cache. See docs/generation.md
 
 from megatron_opcd.generation.loop import GenerationOutput, generate
 from megatron_opcd.generation.sampling import SamplingParams, filter_top_k, filter_top_p, sample
-from megatron_opcd.generation.score import ScoreOutput, score, vocab_parallel_token_logprobs
+from megatron_opcd.generation.score import ScoreOutput, score
 from megatron_opcd.generation.stage import PrefixCache, prefill_prefix
 
 __all__ = [
@@ -24,5 +24,4 @@ __all__ = [
     "prefill_prefix",
     "sample",
     "score",
-    "vocab_parallel_token_logprobs",
 ]

@@ -11,7 +11,7 @@ stage.py), so a row's pads between prefix and prompt change nothing it computes:
 (prefilled once at batch 1) sits at slots [0, P) of every row and the prompt prefill covers slots
 [P, P+L). An empty prompt's row takes the prefix's last token as its prompt (see `_layout`).
 
-Each step the last stage gathers the full-vocabulary logits of the last position, masks the padded
+Each step the last stage gathers the full-vocabulary logits of the last position, drops the padded
 vocabulary, samples with one seeded generator, and broadcasts (token, log-prob) to every rank of
 the model.
 """
@@ -58,18 +58,6 @@ class GenerationOutput:
 
     tokens_per_second: float
     """New tokens (all rows) / wall time of the call, prefill included."""
-
-    def padded(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens [b, R] int64, logprobs [b, R] float32, mask [b, R] float32), right-padded."""
-        b, r = len(self.responses), max([1, *self.lengths])
-        tokens = torch.full((b, r), pad_id, dtype=torch.long)
-        logprobs = torch.zeros(b, r)
-        mask = torch.zeros(b, r)
-        for i, (resp, lp) in enumerate(zip(self.responses, self.logprobs)):
-            tokens[i, : len(resp)] = torch.tensor(resp, dtype=torch.long)
-            logprobs[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-            mask[i, : len(resp)] = 1.0
-        return tokens, logprobs, mask
 
 
 def _check_tokens(seqs: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:

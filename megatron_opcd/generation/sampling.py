@@ -14,9 +14,11 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """How `generate` picks each new token and when it stops."""
+    """How `generate` picks each new token and when it stops: the one declaration of the sampling
+    settings and their defaults. The trainer's `generation:` section builds one per rollout
+    (`training.config.GenerationConfig.build`, which adds the tokenizer's EOS ids and the seed)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = 256
     """Most tokens generated per prompt (the EOS token counts)."""
 
     temperature: float = 1.0
@@ -55,15 +57,6 @@ class SamplingParams:
         self.stop_strings = tuple(self.stop_strings)
         if any(not s for s in self.stop_strings):
             raise ValueError("SamplingParams.stop_strings must not contain an empty string")
-
-
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[..., V_padded] -> same, with the embedding's padding rows (ids >= vocab_size) at -inf."""
-    if logits.shape[-1] <= vocab_size:
-        return logits
-    out = logits.clone()  # the caller's logits stay untouched
-    out[..., vocab_size:] = float("-inf")
-    return out
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

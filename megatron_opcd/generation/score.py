@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megatron_opcd.data.packing import pack, pack_segments
 from megatron_opcd.generation.cache import KVCache
 from megatron_opcd.generation.kernels import attach
 from megatron_opcd.generation.stage import PrefixCache, Rope, _prefill_prefix, forward_stage, inference_mode, model_device
+from megatron_opcd.losses.vocab import vocab_parallel_token_logprobs
 from megatron_opcd.parallel import ParallelGroups
 
 
@@ -39,34 +39,6 @@ class ScoreOutput:
 
     mask: torch.Tensor
     """[R, b] float32: 1 for real response tokens (on every rank)."""
-
-
-def vocab_parallel_token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, *, tp_group, tp_rank: int, tp_size: int,
-    vocab_size: Optional[int] = None,
-) -> torch.Tensor:
-    """log softmax(logits)[target] over the vocabulary split across TP (no grad).
-
-    logits: [..., V/tp] this rank's shard of the padded vocabulary; targets: [...] global ids.
-    Padded ids (>= vocab_size) are excluded from the normaliser. Local max -> all-reduce MAX ->
-    sum of exp -> all-reduce SUM; the target logit comes from the shard that owns it (SUM)."""
-    z = logits.float()  # fp32 for the normaliser (the same tensor if logits are fp32 already)
-    part = z.shape[-1]
-    lo = tp_rank * part
-    if vocab_size is not None and vocab_size < lo + part:
-        z = z.clone() if z is logits else z  # the in-place fill below must not touch the caller's logits
-        z[..., max(vocab_size - lo, 0):] = float("-inf")
-    m = z.max(dim=-1).values  # [...]
-    if tp_size > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-    s = torch.exp(z - m[..., None]).sum(-1)
-    local = (targets >= lo) & (targets < lo + part)
-    picked = z.gather(-1, (targets - lo).clamp(0, part - 1)[..., None]).squeeze(-1)
-    picked = torch.where(local, picked, torch.zeros_like(picked))
-    if tp_size > 1:
-        dist.all_reduce(s, group=tp_group)
-        dist.all_reduce(picked, group=tp_group)
-    return picked - m - torch.log(s)
 
 
 def score(
@@ -119,10 +91,8 @@ def score(
         aligned = torch.where((index < 0)[:, :, None], _shard(prefix_cache.last_logits, groups)[None], aligned)
     logprobs = None
     if return_logprobs:
-        logprobs = vocab_parallel_token_logprobs(
-            aligned, packed.response_tokens.to(device), tp_group=groups.tp_group, tp_rank=groups.tp_rank,
-            tp_size=groups.tp_size, vocab_size=vocab_size,
-        ) * mask
+        logprobs = vocab_parallel_token_logprobs(aligned, packed.response_tokens.to(device), groups.tp_group,
+                                                 vocab_size) * mask
     return ScoreOutput(logits=aligned, logprobs=logprobs, mask=mask)
 
 

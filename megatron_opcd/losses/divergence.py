@@ -17,7 +17,7 @@ One `torch.autograd.Function` does all the communication in its forward; its bac
 All reductions of gathered data happen locally in rank order, so every rank returns bitwise the
 same values. The backward recomputes each chunk from the saved logits and per-token scalars: no
 `[T, v/tp]` intermediate is saved, and a chunk needs at most two fp32 `[c, v/tp]` buffers (jsd's
-exact forward, three). The math lives in `megatron_opcd.losses.math`.
+exact forward, three). The math lives in `megatron_opcd.losses.functional`.
 """
 
 from __future__ import annotations
@@ -29,23 +29,51 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.losses import math as M
+import megatron_opcd.losses.functional as M  # the submodule itself: never the package __init__ (no cycle)
+from megatron_opcd.losses.vocab import VocabShard
 
 TOPK_FROM = ("student", "teacher", "union")
 
 
 @dataclass(frozen=True)
 class DivergenceSpec:
-    """What to compute; validated on construction. Field meanings: `vocab_parallel_divergence`."""
+    """What to compute, validated on construction: the one declaration of the divergence's
+    settings and their defaults. The trainer's `loss:` section builds one
+    (`training.config.TrainConfig.divergence`); `DivergenceLoss` and `vocab_parallel_divergence`
+    take one."""
 
     kind: str = "reverse_kl"
+    """`reverse_kl` = sum_i p_s (log p_s - log p_t), OPCD's loss; `forward_kl` = sum_i p_t (log p_t
+    - log p_s); `jsd` = beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta)
+    p_s (TRL's generalised JSD; beta = 0 gives forward KL and beta = 1 reverse KL, as in TRL, since
+    the formula itself vanishes there)."""
+
     topk: Optional[int] = 256
+    """None for the exact divergence over the whole vocabulary; k to sum over an index set I of k
+    tokens per position chosen over the whole vocabulary (values above the vocabulary size are
+    clamped to it). p_s and p_t are still the full-vocabulary softmaxes evaluated at I, so without
+    `renormalize` the value is a partial sum (it can be negative)."""
+
     topk_from: str = "student"
+    """I is the student's top-k (`student`, OPCD's default), the teacher's (`teacher`), or their
+    union (`union`, 1 to 2k tokens per position). Ties are broken towards the lower global index."""
+
     renormalize: bool = False
+    """Renormalise both distributions over I before the sum (a no-op for exact)."""
+
     temperature: float = 1.0
+    """Both logits are divided by it before the softmax (use the sampling temperature)."""
+
     beta: float = 0.5
-    chunk_tokens: int = 512
+    """jsd only: the teacher's weight in the mixture, in [0, 1]."""
+
+    chunk_tokens: int = 1024
+    """Tokens per chunk; bounds the extra memory to a few fp32 `[chunk, v/tp]` buffers in forward
+    and backward (docs/losses.md, "Memory model"). The values do not depend on it."""
+
     vocab_size: Optional[int] = None
+    """The true vocabulary size when the sharded vocabulary is padded; columns with global index
+    >= vocab_size are excluded (as if their logits were -inf). None: every column is a token."""
 
     def __post_init__(self):
         if self.kind not in M.KINDS:
@@ -72,46 +100,6 @@ class DivergenceSpec:
         if self.kind == "jsd" and self.beta == 1.0:
             return "reverse_kl"
         return self.kind
-
-
-@dataclass(frozen=True)
-class _Shard:
-    """This rank's slice of the (padded) vocabulary: columns [start, start + v_local) globally,
-    of which the first `n_valid` are real tokens (global index < the true vocabulary size)."""
-
-    group: Optional[dist.ProcessGroup]
-    rank: int
-    size: int
-    v_local: int
-    start: int
-    n_valid: int
-    vocab_size: int
-
-    @staticmethod
-    def of(v_local: int, group, vocab_size: Optional[int]) -> "_Shard":
-        size = dist.get_world_size(group) if group is not None else 1
-        rank = dist.get_rank(group) if group is not None else 0
-        padded = v_local * size
-        true_v = padded if vocab_size is None else vocab_size
-        if true_v > padded:
-            raise ValueError(f"vocab_size={vocab_size} exceeds the padded vocabulary {size} x {v_local} = {padded}")
-        start = rank * v_local
-        n_valid = max(0, min(v_local, true_v - start))
-        return _Shard(group if size > 1 else None, rank, size, v_local, start, n_valid, true_v)
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """`[tp, *t.shape]`, every rank's `t` in rank order."""
-        if self.group is None:
-            return t.unsqueeze(0)
-        out = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(out, t.contiguous(), group=self.group)
-        return torch.stack(out)
-
-    def all_reduce_owned(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of tensors in which each entry is nonzero on at most one rank: exact in any order."""
-        if self.group is not None:
-            dist.all_reduce(t, group=self.group)
-        return t
 
 
 class _Scratch:
@@ -159,7 +147,7 @@ def _log_ratio(zs, zt, log_zs, log_zt, temperature: float, scratch: _Scratch) ->
 # ------------------------------------------------------------------------------------------------
 
 
-def _lse_both(zs, zt, spec: DivergenceSpec, shard: _Shard, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+def _lse_both(zs, zt, spec: DivergenceSpec, shard: VocabShard, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary log-normalisers `[c]` (fp64) of both models' scaled logits."""
     parts = []
     for z in (zs, zt):
@@ -295,7 +283,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, spec: DivergenceSpec, tp_group):
         v_local = student_logits.shape[-1]
-        shard = _Shard.of(v_local, tp_group, spec.vocab_size)
+        shard = VocabShard.of(v_local, tp_group, spec.vocab_size)
         zs = student_logits.detach().reshape(-1, v_local)  # [T, v/tp]; a view for contiguous input
         zt = teacher_logits.detach().reshape(-1, v_local)
         chunk = _exact_forward_chunk if spec.topk is None else _topk_forward_chunk
@@ -339,16 +327,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
 def vocab_parallel_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    *,
-    kind: str = "reverse_kl",
-    topk: Optional[int] = 256,
-    topk_from: str = "student",
-    renormalize: bool = False,
-    temperature: float = 1.0,
-    beta: float = 0.5,
+    spec: DivergenceSpec = DivergenceSpec(),
     tp_group: Optional[dist.ProcessGroup] = None,
-    chunk_tokens: int = 512,
-    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token divergence between student and teacher, reduced across tensor-parallel ranks.
 
@@ -356,26 +336,8 @@ def vocab_parallel_divergence(
         student_logits: `[s, b, v/tp]` (any leading dims): this rank's vocabulary shard (global
             columns `rank * v/tp ...`), fp32 or bf16; the math runs in fp32 (fp64 on `[., k]`).
         teacher_logits: same shape; receives no gradient (it is treated as detached).
-        kind: `reverse_kl` = sum_i p_s (log p_s - log p_t), OPCD's loss; `forward_kl` =
-            sum_i p_t (log p_t - log p_s); `jsd` = beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
-            m = beta p_t + (1 - beta) p_s (TRL's generalised JSD; beta = 0 gives forward KL and
-            beta = 1 reverse KL, as in TRL, since the formula itself vanishes there).
-        topk: None for the exact divergence over the whole vocabulary; k to sum over an index set
-            I of k tokens per position chosen over the whole vocabulary (values above the
-            vocabulary size are clamped to it). p_s and p_t are still the full-vocabulary
-            softmaxes evaluated at I, so without `renormalize` the value is a partial sum (it can
-            be negative).
-        topk_from: I is the student's top-k (`student`, OPCD's default), the teacher's
-            (`teacher`), or their union (`union`, 1 to 2k tokens per position). Ties are broken
-            towards the lower global index.
-        renormalize: renormalise both distributions over I before the sum (a no-op for exact).
-        temperature: both logits are divided by it before the softmax.
-        beta: the jsd weight of the teacher in the mixture, in [0, 1].
+        spec: what to compute (`DivergenceSpec`'s fields say what each setting means).
         tp_group: the tensor-parallel group over which the vocabulary is sharded; None = no TP.
-        chunk_tokens: tokens per chunk; bounds the extra memory to a few fp32 `[chunk, v/tp]`
-            buffers in forward and backward.
-        vocab_size: the true vocabulary size when the sharded vocabulary is padded; columns with
-            global index >= vocab_size are excluded (as if their logits were -inf).
 
     Returns:
         `[s, b]` fp32, the same on every rank of `tp_group`, differentiable w.r.t. `student_logits`.
@@ -385,5 +347,4 @@ def vocab_parallel_divergence(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must have the same shape [s, b, v/tp]"
         )
-    spec = DivergenceSpec(kind, topk, topk_from, renormalize, temperature, beta, chunk_tokens, vocab_size)
     return _VocabParallelDivergence.apply(student_logits, teacher_logits, spec, tp_group)

@@ -70,46 +70,26 @@ class DivergenceLoss:
     """`DistillationLoss` from `vocab_parallel_divergence`, OPCD's default (top-256 reverse KL over
     the student's top-k, per-sequence average)."""
 
-    kind: str = "reverse_kl"
-    """reverse_kl | forward_kl | jsd (see `vocab_parallel_divergence`)."""
-    topk: Optional[int] = 256
-    """Tokens per position in the index set; None = the exact divergence."""
-    topk_from: str = "student"
-    """student | teacher | union: whose top-k forms the index set."""
-    renormalize: bool = False
-    """Renormalise both distributions over the index set."""
-    temperature: float = 1.0
-    """Both logits are divided by it (use the sampling temperature)."""
-    beta: float = 0.5
-    """jsd only: the teacher's weight in the mixture."""
+    spec: DivergenceSpec = DivergenceSpec()
+    """What divergence to compute (its fields and defaults are declared there, once)."""
     average: str = "sequence"
     """sequence: 1/|y| sum_t per sequence, then the mean over sequences (the paper); token: the mean over tokens."""
     batch_first: bool = False
     """False: logits `[s, b, v/tp]`, mask `[s, b]`; True: `[b, s, v/tp]` (GPTModel's output), mask `[b, s]`."""
-    chunk_tokens: int = 512
-    """Tokens per chunk in the divergence (memory: a few fp32 [chunk, v/tp] buffers)."""
-    vocab_size: Optional[int] = None
-    """The true vocabulary size when the TP-sharded vocabulary is padded."""
     tp_group: Optional[dist.ProcessGroup] = None
     """The tensor-parallel group; None = no tensor parallelism."""
 
     def __post_init__(self):
         if self.average not in AVERAGES:
             raise ValueError(f"average={self.average!r}: use one of {AVERAGES}")
-        # Validates the divergence's fields now rather than on the first step.
-        self._spec = DivergenceSpec(
-            self.kind, self.topk, self.topk_from, self.renormalize, self.temperature, self.beta,
-            self.chunk_tokens, self.vocab_size,
-        )  # fmt: skip
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """The divergence per position, `[s, b]` (or `[b, s]`), before masking."""
-        s = self._spec
-        return vocab_parallel_divergence(
-            student_logits, teacher_logits, kind=s.kind, topk=s.topk, topk_from=s.topk_from,
-            renormalize=s.renormalize, temperature=s.temperature, beta=s.beta, tp_group=self.tp_group,
-            chunk_tokens=s.chunk_tokens, vocab_size=s.vocab_size,
-        )  # fmt: skip
+        return vocab_parallel_divergence(student_logits, teacher_logits, self.spec, self.tp_group)
 
     def __call__(self, student_logits, teacher_logits, response_mask) -> LossOutput:
         d = self.per_token(student_logits, teacher_logits)

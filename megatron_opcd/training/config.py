@@ -32,6 +32,8 @@ from megatron_opcd.config import (
     load_yaml,
 )
 from megatron_opcd.envs.config import GameConfig
+from megatron_opcd.generation.sampling import SamplingParams
+from megatron_opcd.losses.divergence import DivergenceSpec
 
 
 @dataclass
@@ -139,10 +141,14 @@ class AlgorithmConfig:
 
 @dataclass
 class LossConfig:
+    """The `loss:` section: the divergence's settings as YAML keys. What each one means, and every
+    default, is declared once in `losses.DivergenceSpec`, which `TrainConfig.divergence` builds
+    from this section; three may be null here and then follow another section."""
+
     kind: Optional[Literal["reverse_kl", "forward_kl", "jsd"]] = None
     """Divergence; null picks the algorithm's: reverse_kl for opcd, forward_kl for offpolicy_cd."""
 
-    topk: Optional[int] = 256
+    topk: Optional[int] = DivergenceSpec.topk
     """Tokens per position the divergence sums over; null = exact over the whole vocabulary."""
 
     topk_from: Optional[Literal["student", "teacher", "union"]] = None
@@ -150,19 +156,19 @@ class LossConfig:
     KL on the student's samples), the teacher's for offpolicy_cd (forward KL on the teacher's
     samples belongs on the teacher's support). union: the paper's merge option."""
 
-    renormalize: bool = False
+    renormalize: bool = DivergenceSpec.renormalize
     """Renormalise both distributions over the top-k (a paper option)."""
 
     temperature: Optional[float] = None
     """Both logits are divided by it; null = generation.temperature (the paper)."""
 
-    beta: float = 0.5
+    beta: float = DivergenceSpec.beta
     """JSD mixture weight of the teacher."""
 
     average: Literal["sequence", "token"] = "sequence"
     """sequence: (1/|y|) sum_t per response, then the mean over responses (the paper); token: per token."""
 
-    chunk_tokens: int = 1024
+    chunk_tokens: int = DivergenceSpec.chunk_tokens
     """Tokens per chunk inside the loss (bounds its extra memory)."""
 
     def __post_init__(self):
@@ -170,23 +176,46 @@ class LossConfig:
             raise ConfigError(f"loss.topk={self.topk} must be >= 1, or null for the exact divergence")
         if self.temperature is not None and self.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
+        try:  # the spec's own checks (beta, chunk_tokens, ...) at load time, not on the first step
+            self.build(algorithm="opcd", generation_temperature=1.0)
+        except ValueError as exc:
+            raise ConfigError(f"loss.{exc}") from None
+
+    def build(self, *, algorithm: str, generation_temperature: float,
+              vocab_size: Optional[int] = None) -> DivergenceSpec:
+        """The divergence this section asks for, its nulls resolved against the algorithm and the
+        sampling temperature; `vocab_size` is the model's true (unpadded) vocabulary."""
+        off_policy = algorithm == "offpolicy_cd"
+        return DivergenceSpec(
+            kind=self.kind or ("forward_kl" if off_policy else "reverse_kl"),
+            topk=self.topk,
+            topk_from=self.topk_from or ("teacher" if off_policy else "student"),
+            renormalize=self.renormalize,
+            temperature=self.temperature if self.temperature is not None else generation_temperature,
+            beta=self.beta,
+            chunk_tokens=self.chunk_tokens,
+            vocab_size=vocab_size,
+        )
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 256
+    """The `generation:` section: rollout sampling as YAML keys. The settings and their defaults are
+    declared once in `generation.SamplingParams`, which `build` makes for each rollout."""
+
+    max_new_tokens: int = SamplingParams.max_new_tokens
     """Longest response."""
 
-    temperature: float = 1.0
+    temperature: float = SamplingParams.temperature
     """Rollout sampling temperature (also the loss temperature unless loss.temperature is set)."""
 
-    top_k: int = 0
+    top_k: int = SamplingParams.top_k
     """Sample among the k most likely tokens (0: off)."""
 
-    top_p: float = 1.0
+    top_p: float = SamplingParams.top_p
     """Nucleus sampling (1.0: off)."""
 
-    greedy: bool = False
+    greedy: bool = SamplingParams.greedy
     """Greedy rollouts (debugging; OPCD samples)."""
 
     stop_strings: list[str] = field(default_factory=list)
@@ -199,6 +228,19 @@ class GenerationConfig:
             raise ConfigError(f"generation.temperature={self.temperature} must be > 0 (use generation.greedy=true)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generation.top_p={self.top_p} must be in (0, 1]")
+        try:  # the sampler's own checks (top_k, stop_strings) at load time, not on the first rollout
+            self.build(eos_ids=(), seed=0)
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("SamplingParams.", "generation.")) from None
+
+    def build(self, *, eos_ids, seed: int, max_new_tokens: Optional[int] = None,
+              greedy: Optional[bool] = None) -> SamplingParams:
+        """The sampling parameters of one rollout; `max_new_tokens`/`greedy` given: the evaluation's own."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, greedy=self.greedy if greedy is None else greedy, eos_ids=tuple(eos_ids),
+            stop_strings=tuple(self.stop_strings), seed=seed,
+        )
 
 
 @dataclass
@@ -368,21 +410,22 @@ class TrainConfig:
             # Allowed (the paper's self-teacher baselines), but the teacher then changes as the student learns.
             pass
 
+    def divergence(self, vocab_size: Optional[int] = None) -> DivergenceSpec:
+        """The divergence the loss section asks for (`LossConfig.build`)."""
+        return self.loss.build(algorithm=self.algorithm.name, generation_temperature=self.generation.temperature,
+                               vocab_size=vocab_size)
+
     @property
     def loss_kind(self) -> str:
-        if self.loss.kind is not None:
-            return self.loss.kind
-        return "forward_kl" if self.algorithm.name == "offpolicy_cd" else "reverse_kl"
+        return self.divergence().kind
 
     @property
     def loss_topk_from(self) -> str:
-        if self.loss.topk_from is not None:
-            return self.loss.topk_from
-        return "teacher" if self.algorithm.name == "offpolicy_cd" else "student"
+        return self.divergence().topk_from
 
     @property
     def loss_temperature(self) -> float:
-        return self.loss.temperature if self.loss.temperature is not None else self.generation.temperature
+        return self.divergence().temperature
 
     def check_batches(self, dp_size: int) -> int:
         """Micro-batches per step on one data-parallel rank."""

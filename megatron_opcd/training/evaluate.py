@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_opcd.parallel import dp_share
+
 
 def _eval_examples(trainer):
     """This DP rank's share of the first `evaluation.num_prompts` held-out examples: the same set
     at any DP size (a rank past the end gets none, e.g. 10 prompts at DP = 8)."""
     examples = trainer.eval_examples or trainer.stream.examples
     chosen = examples[:trainer.cfg.evaluation.num_prompts]
-    per_dp = -(-len(chosen) // trainer.groups.dp_size)
-    start = trainer.groups.dp_rank * per_dp
-    return chosen[start:start + per_dp]
+    return chosen[dp_share(len(chosen), trainer.groups.dp_rank, trainer.groups.dp_size)]
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def eval_kl(trainer, examples, step: int) -> tuple[float, list[list[int]]]:
 def _kl_sums(trainer, examples, step: int, buf: torch.Tensor) -> list[list[int]]:
     from megatron_opcd.data.render import common_prefix
     from megatron_opcd.generation import generate, score
-    from megatron_opcd.losses import vocab_parallel_divergence
+    from megatron_opcd.losses import DivergenceSpec, vocab_parallel_divergence
 
     contexts = trainer.sampler.for_batch(examples, step)
     pairs = [trainer.renderer.pair(e.prompt, c) for e, c in zip(examples, contexts)]
@@ -59,9 +59,9 @@ def _kl_sums(trainer, examples, step: int, buf: torch.Tensor) -> list[list[int]]
     s = score(trainer.student, student_prompts, responses, groups=trainer.groups,
               vocab_size=trainer.model_config.vocab_size, pad_id=trainer.tokenizer.pad_id)
     if trainer.groups.is_last_stage:
-        kl = vocab_parallel_divergence(s.logits, t.logits, kind="reverse_kl", topk=None,
-                                       temperature=trainer.cfg.loss_temperature, tp_group=trainer.groups.tp_group,
-                                       vocab_size=trainer.model_config.vocab_size)
+        spec = DivergenceSpec(kind="reverse_kl", topk=None, temperature=trainer.cfg.loss_temperature,
+                              vocab_size=trainer.model_config.vocab_size)
+        kl = vocab_parallel_divergence(s.logits, t.logits, spec, trainer.groups.tp_group)
         if trainer.groups.tp_rank == 0:
             buf[0] = float((kl.double() * s.mask.double()).sum())
             buf[1] = float(s.mask.double().sum())

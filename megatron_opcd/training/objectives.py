@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from megatron_opcd.losses import DivergenceLoss, masked_sums
+from megatron_opcd.losses import DivergenceLoss, mask_padded_vocab, masked_sums
 
 
 @dataclass
@@ -68,15 +68,16 @@ class SequenceKDObjective:
         self.tp_group = tp_group
 
     def __call__(self, student_logits, micro: MicroBatch):
+        # megatron-core's own vocab-parallel cross-entropy, not losses/vocab.py's log-softmax:
+        # SeqKD is plain next-token training, which the framework's cross-entropy (forward and its
+        # own backward) already is; ours is forward-only (scoring), and a second backward for the
+        # same loss would be ours to keep right. Only the padding rule is ours.
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        logits = student_logits.float()
-        if self.vocab_size is not None:
-            # Padded vocabulary columns (global id >= vocab_size) must not take probability mass.
-            v_local = logits.shape[-1]
-            rank = torch.distributed.get_rank(self.tp_group) if self.tp_group is not None else 0
-            ids = torch.arange(v_local, device=logits.device) + rank * v_local
-            logits = logits.masked_fill(ids >= self.vocab_size, float("-inf"))
+        rank = torch.distributed.get_rank(self.tp_group) if self.tp_group is not None else 0
+        # Padded vocabulary columns (global id >= vocab_size) must not take probability mass; a new
+        # tensor either way, since megatron's cross-entropy works in place on its input.
+        logits = mask_padded_vocab(student_logits.float(), rank, self.vocab_size)
         ce = vocab_parallel_cross_entropy(logits, micro.response_tokens.to(logits.device))  # [R, b]
         loss_sum, units = masked_sums(ce, micro.response_mask, self.average, seq_dim=0)
         with torch.no_grad():
@@ -92,17 +93,5 @@ def build_objective(cfg, *, vocab_size: int, tp_group) -> Objective:
     """The objective a TrainConfig asks for."""
     if cfg.algorithm.name == "seqkd":
         return SequenceKDObjective(average=cfg.loss.average, vocab_size=vocab_size, tp_group=tp_group)
-    loss = DivergenceLoss(
-        kind=cfg.loss_kind,
-        topk=cfg.loss.topk,
-        topk_from=cfg.loss_topk_from,
-        renormalize=cfg.loss.renormalize,
-        temperature=cfg.loss_temperature,
-        beta=cfg.loss.beta,
-        average=cfg.loss.average,
-        batch_first=False,
-        chunk_tokens=cfg.loss.chunk_tokens,
-        vocab_size=vocab_size,
-        tp_group=tp_group,
-    )
+    loss = DivergenceLoss(cfg.divergence(vocab_size), average=cfg.loss.average, batch_first=False, tp_group=tp_group)
     return DistillationObjective(loss)

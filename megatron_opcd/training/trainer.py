@@ -42,7 +42,7 @@ from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream
 from megatron_opcd.data.render import common_prefix, shared_prefix
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
-from megatron_opcd.parallel import ParallelGroups
+from megatron_opcd.parallel import ParallelGroups, dp_share
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
 from megatron_opcd.training.engine import (
     configure_schedule,
@@ -261,13 +261,8 @@ class Trainer:
 
     def _sampling(self, step: int, *, greedy: Optional[bool] = None, max_new_tokens: Optional[int] = None,
                   salt: int = 0):
-        from megatron_opcd.generation import SamplingParams
-
-        g = self.cfg.generation
-        return SamplingParams(
-            max_new_tokens=max_new_tokens or g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
-            top_p=g.top_p, greedy=g.greedy if greedy is None else greedy,
-            eos_ids=tuple(self.tokenizer.eos_ids), stop_strings=tuple(g.stop_strings),
+        return self.cfg.generation.build(
+            eos_ids=self.tokenizer.eos_ids, max_new_tokens=max_new_tokens, greedy=greedy,
             # Rollout randomness depends only on (seed, step, DP rank): a resumed run samples the same.
             seed=(self.cfg.data.seed * 1_000_003 + step * 7_919 + self.groups.dp_rank * 104_729 + salt) % (2**63),
         )
@@ -279,8 +274,7 @@ class Trainer:
         """This DP rank's slice of the next global batch, each example repeated samples_per_prompt times."""
         s = self.cfg.schedule
         global_examples = self.stream.take(s.global_batch_size)  # same on every rank: the stream is deterministic
-        per_dp = s.global_batch_size // self.groups.dp_size
-        mine = global_examples[self.groups.dp_rank * per_dp:(self.groups.dp_rank + 1) * per_dp]
+        mine = global_examples[dp_share(s.global_batch_size, self.groups.dp_rank, self.groups.dp_size)]
         return [e for e in mine for _ in range(s.samples_per_prompt)]
 
     def select_batch(self, step: int) -> Batch:

@@ -100,6 +100,20 @@ def test_debug_flag_shows_the_traceback(tiny):
 
 
 @pytest.mark.timeout(60)
+def test_debug_in_the_yaml_shows_the_traceback(tiny, tmp_path):
+    """`logging.debug: true` in the file counts as much as on the command line."""
+    import yaml
+
+    data = yaml.safe_load(tiny.read_text(encoding="utf-8"))
+    data.setdefault("logging", {})["debug"] = True
+    config = tmp_path / "debug.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    rc, err = cli_in_process(config, "model.hiden_size=64")
+    assert rc == 1
+    assert "Traceback" in err and "error: unknown config key 'model.hiden_size'" in err
+
+
+@pytest.mark.timeout(60)
 def test_config_is_a_directory(tmp_path):
     rc, err = cli_in_process(tmp_path)
     assert_clean_error(rc, err, f"config {tmp_path} is a directory, not a file")

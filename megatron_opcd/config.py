@@ -23,9 +23,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message is one line naming the field and the fix."""
+from megatron_opcd.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,7 +516,6 @@ def check_runtime(model: ModelConfig, role: str = "model") -> None:
 
 
 __all__ = [
-    "ConfigError",
     "ModelConfig",
     "ParallelConfig",
     "apply_overrides",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from megatron_opcd.config import (
-    ConfigError,
     ModelConfig,
     ParallelConfig,
     apply_overrides,
@@ -13,6 +12,7 @@ from megatron_opcd.config import (
     from_dict,
     load_yaml,
 )
+from megatron_opcd.errors import ConfigError
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_opcd.compat.optional import check_runtime
 from megatron_opcd.config import (
     ModelConfig,
     ParallelConfig,
     apply_overrides,
-    check_runtime,
     from_dict,
     load_yaml,
 )

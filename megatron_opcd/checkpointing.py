@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_opcd.config import ConfigError, ModelConfig, from_dict, to_dict
+from megatron_opcd.config import ModelConfig, from_dict, to_dict
+from megatron_opcd.errors import CheckpointError, ConfigError, is_peer_failure
 
 MARKER = "opcd_checkpoint.json"
 FORMAT_VERSION = 2
@@ -66,10 +67,6 @@ def check_matches_checkpoint(given: ModelConfig, saved: ModelConfig, path, role:
     if diffs:
         raise ConfigError(f"the {role} section does not match {path}/model_config.yaml: {'; '.join(diffs[:4])}"
                           f"{' ...' if len(diffs) > 4 else ''}; {fix}")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the folder and the problem."""
 
 
 def _io_failures() -> tuple[type, ...]:
@@ -304,8 +301,6 @@ class AtomicCheckpointDir:
             if _rank() == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             if failed:
-                from megatron_opcd.errors import is_peer_failure
-
                 if is_peer_failure(_root(exc)):  # the save's collectives met a dead rank: not a storage problem
                     why, fix = f"lost contact with another rank ({_first_line(exc, 200)})", "see that rank's error"
                 else:

@@ -23,9 +23,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message is one line naming the field and the fix."""
+from megatron_opcd.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,36 +519,10 @@ class ParallelConfig:
             )
 
 
-def check_runtime(model: ModelConfig, role: str = "model") -> None:
-    """Reject options this machine cannot run (TE/FP8 without a GPU), with the reason."""
-    if model.transformer_impl == "transformer_engine":
-        from megatron_opcd.compat.optional import transformer_engine_status
-
-        ok, why = transformer_engine_status()
-        if not ok:
-            raise ConfigError(
-                f"{role}.transformer_impl=transformer_engine cannot run here: {why}; "
-                f"set {role}.transformer_impl=local (and {role}.fp8=null) on this machine"
-            )
-    if model.fp8 is not None:
-        from megatron_opcd.compat.optional import fp8_status
-
-        ok, why = fp8_status()
-        if not ok:
-            raise ConfigError(f"{role}.fp8={model.fp8!r} cannot run here: {why}; set {role}.fp8=null")
-    if model.params_dtype != "fp32":
-        import torch
-
-        if not torch.cuda.is_available() and model.params_dtype == "fp16":
-            raise ConfigError(f"{role}.params_dtype=fp16 is not supported on CPU; use fp32 or bf16")
-
-
 __all__ = [
-    "ConfigError",
     "ModelConfig",
     "ParallelConfig",
     "apply_overrides",
-    "check_runtime",
     "from_dict",
     "load_yaml",
     "parse_override",

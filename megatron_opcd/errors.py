@@ -1,8 +1,13 @@
-"""One-line errors for command-line entry points.
+"""The user-facing errors, and the one-line ending of command-line entry points.
 
-Expected problems (configuration, data, checkpoints, numerics) end the process with one line on
-stderr that names the problem and the fix, and exit code 1; with `debug` the traceback is shown.
-Anything else is a bug and keeps its traceback.
+Expected problems (configuration, data, checkpoints, numerics) are `OPCDError`s: `run_cli` ends
+the process with one line on stderr that names the problem and the fix, and exit code 1; with
+`debug` the traceback is shown. Anything else is a bug and keeps its traceback.
+
+Each class also derives from the built-in error it always was (ValueError for a bad input,
+RuntimeError for a state found at run time), so `except ValueError` around a config or a data
+file still catches it. This module is the bottom layer: it imports nothing of the package, so any
+module can raise these (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,21 +18,41 @@ import traceback
 from typing import Callable, Optional
 
 
-def _user_errors() -> tuple[type, ...]:
-    from megatron_opcd.checkpointing import CheckpointError
-    from megatron_opcd.config import ConfigError
-    from megatron_opcd.data.prompts import DataError
+class OPCDError(Exception):
+    """An expected problem the user can fix; the message is one line naming it and the fix."""
 
-    from megatron_opcd.data.tokenizer import TokenizerError
 
-    errors: list[type] = [ConfigError, CheckpointError, DataError, TokenizerError]
-    try:
-        from megatron_opcd.training.trainer import NonFiniteError
+class ConfigError(OPCDError, ValueError):
+    """A configuration that cannot run. The message is one line naming the field and the fix."""
 
-        errors.append(NonFiniteError)
-    except Exception:  # noqa: BLE001 - the trainer is optional for other CLIs
-        pass
-    return tuple(errors)
+
+class DataError(OPCDError, ValueError):
+    """Input data that cannot be used. One line: the file, the line, the problem, the fix."""
+
+
+class TokenizerError(OPCDError, ValueError):
+    """A path that holds no usable tokenizer, or a request the tokenizer cannot serve."""
+
+
+class TemplateError(OPCDError, ValueError):
+    """A chat template whose rendering of a conversation is not a prefix of the rendering of its
+    continuation: multi-turn transcripts cannot be built by appending turns."""
+
+
+class ConversionError(OPCDError, ValueError):
+    """A model or checkpoint the converter cannot handle; the message is one line with the fix."""
+
+
+class CheckpointError(OPCDError, RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder and the problem."""
+
+
+class NonFiniteError(OPCDError, RuntimeError):
+    """The loss or the gradients are NaN/inf and numerics.on_nonfinite=stop (or too many skips)."""
+
+
+class DemoError(OPCDError, RuntimeError):
+    """Something the demo needs is missing; the message says what to install or remove."""
 
 
 def _prefix() -> str:
@@ -78,7 +103,7 @@ def run_cli(fn: Callable[[], object], *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print(f"{_prefix()}interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
+    except OPCDError as exc:
         if debug:
             traceback.print_exc()
         message = " ".join(str(exc).split())  # one line, whatever the exception held

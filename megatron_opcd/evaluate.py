@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def task_from_args(name: str, pairs: list[str]):
     """The task `name` with `--task-arg KEY=VALUE` arguments (values parsed as YAML by the
     config's own override parser)."""
-    from megatron_opcd.config import ConfigError, parse_override
+    from megatron_opcd.config import parse_override
+    from megatron_opcd.errors import ConfigError
     from megatron_opcd.evaluation import get_task
 
     kwargs = {}
@@ -72,10 +73,11 @@ def run(args: argparse.Namespace) -> dict:
 
     from megatron_opcd import parallel
     from megatron_opcd.checkpointing import load_model_weights, read_model_config, tokenizer_dir
-    from megatron_opcd.config import ConfigError, ParallelConfig
-    from megatron_opcd.data.prompts import DataError, load_contexts, load_examples
+    from megatron_opcd.config import ParallelConfig
+    from megatron_opcd.data.prompts import load_contexts, load_examples
     from megatron_opcd.data.render import PromptRenderer
     from megatron_opcd.data.tokenizer import load_tokenizer
+    from megatron_opcd.errors import ConfigError, DataError
     from megatron_opcd.evaluation import evaluate_task
     from megatron_opcd.generate import check_layout
     from megatron_opcd.generation import SamplingParams

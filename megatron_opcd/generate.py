@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _error(message: str):
-    from megatron_opcd.data.prompts import DataError
+    from megatron_opcd.errors import DataError
 
     return DataError(message)
 
@@ -123,8 +123,8 @@ def read_context(path: Optional[str], tokenizer, vocab_size: int):
 
 def make_renderer(args: argparse.Namespace, tokenizer, max_positions: int):
     """The trainer's PromptRenderer with this command's settings (chat template, placement, separator)."""
-    from megatron_opcd.config import ConfigError
     from megatron_opcd.data.render import PromptRenderer
+    from megatron_opcd.errors import ConfigError
 
     if tokenizer is None:
         return None
@@ -167,7 +167,8 @@ def check_layout(cfg, tp: int, pp: int) -> None:
     before any rank work."""
     import os
 
-    from megatron_opcd.config import ConfigError, ParallelConfig
+    from megatron_opcd.config import ParallelConfig
+    from megatron_opcd.errors import ConfigError
 
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tp and --pp must be >= 1, got --tp={tp} --pp={pp}")
@@ -192,8 +193,9 @@ def run(args: argparse.Namespace) -> None:
 
     from megatron_opcd import parallel
     from megatron_opcd.checkpointing import load_model_weights, read_model_config
-    from megatron_opcd.config import ConfigError, ParallelConfig
+    from megatron_opcd.config import ParallelConfig
     from megatron_opcd.data.render import common_prefix
+    from megatron_opcd.errors import ConfigError
     from megatron_opcd.generation import SamplingParams, generate, prefill_prefix
     from megatron_opcd.models import build_model
 

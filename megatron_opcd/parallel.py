@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.config import ConfigError, ParallelConfig
+from megatron_opcd.config import ParallelConfig
+from megatron_opcd.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,9 @@ def dict_load_error(hf_dir: str, extra: str) -> str:
 
     from megatron_opcd import parallel
     from megatron_opcd.config import ParallelConfig
-    from megatron_opcd.convert import ConversionError, load_hf_state_into_megatron, model_config_from_hf
+    from megatron_opcd.convert import load_hf_state_into_megatron, model_config_from_hf
     from megatron_opcd.convert.hf_files import read_hf_config
+    from megatron_opcd.errors import ConversionError
     from megatron_opcd.models import build_model
 
     groups = parallel.initialize(ParallelConfig())

@@ -113,7 +113,8 @@ def synthetic_measure(ckpt: str, tok_dir: str, eval_file: str, teacher_ckpt: str
     from megatron_opcd.data.render import PromptRenderer
     from megatron_opcd.data.tokenizer import load_tokenizer
     from megatron_opcd.evaluation import evaluate_task, get_task
-    from megatron_opcd.evaluation.synthetic import CONTEXT, SEPARATOR
+    from megatron_opcd.evaluation.synthetic import CONTEXT
+    from megatron_opcd.evaluation.tasks import SEPARATOR
     from megatron_opcd.generation import SamplingParams
     from megatron_opcd.models import build_model
 

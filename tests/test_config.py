@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_opcd.compat.optional import check_runtime
 from megatron_opcd.config import (
-    ConfigError,
     ModelConfig,
     ParallelConfig,
     apply_overrides,
-    check_runtime,
     from_dict,
     load_yaml,
     peek_setting,
     set_dotted,
 )
+from megatron_opcd.errors import ConfigError
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

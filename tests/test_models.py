@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_opcd.config import ConfigError, ModelConfig
+from megatron_opcd.config import ModelConfig
+from megatron_opcd.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

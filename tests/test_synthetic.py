@@ -18,15 +18,8 @@ import pytest
 
 from megatron_opcd.data.prompts import Example
 from megatron_opcd.evaluation import get_task
-from megatron_opcd.evaluation.synthetic import (
-    ALPHABET,
-    CONTEXT,
-    SEPARATOR,
-    apply_rule,
-    digits_of,
-    make_prompts,
-    train_tokenizer,
-)
+from megatron_opcd.evaluation.synthetic import ALPHABET, CONTEXT, make_prompts, train_tokenizer
+from megatron_opcd.evaluation.tasks import SEPARATOR, apply_rule, digits_of
 
 
 def test_rules_and_grader():

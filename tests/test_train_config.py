@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_opcd.config import ConfigError, ModelConfig
+from megatron_opcd.config import ModelConfig
+from megatron_opcd.errors import ConfigError
 from megatron_opcd.train import first_host
 from megatron_opcd.training.config import load_train_config
 from megatron_opcd.training.trainer import check_matches_checkpoint

@@ -35,8 +35,8 @@ import plot_metrics  # noqa: E402
 
 
 def test_find_gguf_file_folder_and_mistakes(tmp_path):
-    from megatron_opcd.convert import ConversionError
     from megatron_opcd.convert.gguf import find_gguf
+    from megatron_opcd.errors import ConversionError
 
     (tmp_path / "one").mkdir()
     f = tmp_path / "one" / "m.Q4.gguf"
@@ -152,7 +152,8 @@ def _environment() -> dict:
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory):
     pytest.importorskip("gguf")
-    from megatron_opcd.demo.model import DemoError, gguf_path
+    from megatron_opcd.demo.model import gguf_path
+    from megatron_opcd.errors import DemoError
 
     try:
         gguf = gguf_path()

@@ -55,9 +55,8 @@ def _check_out(out: str) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_opcd.checkpointing import CheckpointError
-    from megatron_opcd.config import ConfigError
-    from megatron_opcd.convert import ConversionError, hf_to_megatron, megatron_to_hf
+    from megatron_opcd.convert import hf_to_megatron, megatron_to_hf
+    from megatron_opcd.errors import CheckpointError, ConfigError, ConversionError
 
     start = time.time()
     try:

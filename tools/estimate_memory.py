@@ -48,7 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_opcd.config import ConfigError, ModelConfig  # noqa: E402
+from megatron_opcd.config import ModelConfig  # noqa: E402
+from megatron_opcd.errors import ConfigError  # noqa: E402
 from megatron_opcd.training.config import TrainConfig, load_train_config  # noqa: E402
 
 GIB = float(2**30)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _tokenizer(args):
     """The checkpoint's tokenizer (or --tokenizer), with a one-line error."""
     from megatron_opcd.checkpointing import tokenizer_dir
-    from megatron_opcd.config import ConfigError
-    from megatron_opcd.data.tokenizer import TokenizerError, load_tokenizer
+    from megatron_opcd.data.tokenizer import load_tokenizer
+    from megatron_opcd.errors import ConfigError, TokenizerError
 
     tok_path = args.tokenizer or tokenizer_dir(args.ckpt)
     if tok_path is None:
@@ -58,7 +58,7 @@ def _teacher(args, model_cfg, layout, groups):
     return model
 
 def _check_counts(args) -> None:
-    from megatron_opcd.config import ConfigError
+    from megatron_opcd.errors import ConfigError
 
     if args.seeds < 1 or args.max_items_tokens < 1 or args.batch_size < 1:
         raise ConfigError("--seeds, --max-items-tokens and --batch-size must be >= 1")
@@ -68,7 +68,7 @@ def _pool_from_seeds(args, runs, groups, seconds, say):
     With --select, a pool without any item is an error."""
     import torch.distributed as dist
 
-    from megatron_opcd.config import ConfigError
+    from megatron_opcd.errors import ConfigError
     from megatron_opcd.evaluation.experience import pool_contexts, write_pool
 
     if groups.dp_size > 1:
@@ -162,8 +162,9 @@ def _parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     # Input checks first, before the heavy imports (megatron.core): a typo fails in a second.
     from megatron_opcd.checkpointing import read_model_config
-    from megatron_opcd.config import ConfigError, ParallelConfig
+    from megatron_opcd.config import ParallelConfig
     from megatron_opcd.data.prompts import load_examples
+    from megatron_opcd.errors import ConfigError
     from megatron_opcd.evaluation import get_task
     from megatron_opcd.evaluation.templates import load_prompt
 
@@ -238,7 +239,7 @@ def run(args) -> dict:
 
 
 def _seed_range(text: str, flag: str) -> list[int]:
-    from megatron_opcd.config import ConfigError
+    from megatron_opcd.errors import ConfigError
 
     try:
         a, b = (int(x) for x in text.split(":"))
@@ -253,8 +254,9 @@ def _run_game(args) -> dict:
     """--game: the teacher plays levels (episodes through the shared generation loop), reflects
     after each, and the pool is selected by success rate on validation levels."""
     from megatron_opcd.checkpointing import read_model_config
-    from megatron_opcd.config import ConfigError, ParallelConfig
+    from megatron_opcd.config import ParallelConfig
     from megatron_opcd.envs.config import GameConfig
+    from megatron_opcd.errors import ConfigError
     from megatron_opcd.evaluation.templates import load_prompt
 
     if args.select and not args.out_best:

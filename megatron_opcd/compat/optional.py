@@ -2,16 +2,22 @@
 
 Never imported at module import time. A partial TE install (the core wheel without cuDNN) makes
 `import transformer_engine` raise RuntimeError rather than ImportError, so every probe catches
-Exception and keeps the reason, which the config reports when TE or FP8 is asked for but cannot
-run. PyPI's `apex` is an unrelated web package: apex counts as present only if
-`apex.normalization` (NVIDIA's) imports.
+Exception and keeps the reason, which `check_runtime` (below) reports when a model config asks
+for TE or FP8 and it cannot run. PyPI's `apex` is an unrelated web package: apex counts as present
+only if `apex.normalization` (NVIDIA's) imports.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
+
+from megatron_opcd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_opcd.config import ModelConfig
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,3 +61,24 @@ def apex_status() -> tuple[bool, str]:
     except Exception as exc:  # noqa: BLE001
         return False, f"NVIDIA apex is not installed ({type(exc).__name__}); megatron-core uses its torch fallbacks"
     return True, "ok"
+
+
+def check_runtime(model: ModelConfig, role: str = "model") -> None:
+    """Reject options this machine cannot run (TE/FP8 without a GPU), with the reason.
+
+    Here and not in config.py: the config schema sits below compat (docs/architecture.md) and
+    asks nothing of the machine; the model builder calls this before anything is built."""
+    if model.transformer_impl == "transformer_engine":
+        ok, why = transformer_engine_status()
+        if not ok:
+            raise ConfigError(
+                f"{role}.transformer_impl=transformer_engine cannot run here: {why}; "
+                f"set {role}.transformer_impl=local (and {role}.fp8=null) on this machine"
+            )
+    if model.fp8 is not None:
+        ok, why = fp8_status()
+        if not ok:
+            raise ConfigError(f"{role}.fp8={model.fp8!r} cannot run here: {why}; set {role}.fp8=null")
+    if model.params_dtype != "fp32":
+        if not torch.cuda.is_available() and model.params_dtype == "fp16":
+            raise ConfigError(f"{role}.params_dtype=fp16 is not supported on CPU; use fp32 or bf16")

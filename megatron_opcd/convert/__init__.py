@@ -11,17 +11,11 @@ The parameter mapping of each architecture is one table in `mappings.py`. CLI:
 
 from megatron_opcd.convert.hf_files import HFReader
 from megatron_opcd.convert.hf_to_megatron import hf_to_megatron, load_hf_state_into_megatron
-from megatron_opcd.convert.mappings import (
-    ARCHITECTURES,
-    ConversionError,
-    architecture_of,
-    model_config_from_hf,
-)
+from megatron_opcd.convert.mappings import ARCHITECTURES, architecture_of, model_config_from_hf
 from megatron_opcd.convert.megatron_to_hf import megatron_to_hf
 
 __all__ = [
     "ARCHITECTURES",
-    "ConversionError",
     "HFReader",
     "architecture_of",
     "hf_to_megatron",

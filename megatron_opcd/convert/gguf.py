@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_opcd.convert.mappings import ConversionError
+from megatron_opcd.errors import ConversionError
 
 
 def find_gguf(path: str | Path) -> Path:

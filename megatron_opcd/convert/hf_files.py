@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from megatron_opcd.convert.mappings import ConversionError
+from megatron_opcd.errors import ConversionError
 
 # Files copied between an HF folder and a megatron checkpoint's tokenizer/ folder.
 TOKENIZER_FILES = (

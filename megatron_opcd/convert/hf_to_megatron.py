@@ -20,10 +20,11 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
-from megatron_opcd.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
-from megatron_opcd.convert import hf_files
+from megatron_opcd.config import ModelConfig, ParallelConfig, from_dict, to_dict
+# By its full name: `from megatron_opcd.convert import hf_files` would depend on the package's __init__,
+# which imports this module (an import cycle: docs/architecture.md).
+import megatron_opcd.convert.hf_files as hf_files
 from megatron_opcd.convert.mappings import (
-    ConversionError,
     architecture,
     architecture_of,
     hf_names,
@@ -31,6 +32,7 @@ from megatron_opcd.convert.mappings import (
     rule_for,
     to_megatron,
 )
+from megatron_opcd.errors import ConfigError, ConversionError
 
 HFState = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor]]
 

@@ -28,11 +28,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from megatron_opcd.config import ConfigError, ModelConfig
-
-
-class ConversionError(ValueError):
-    """A model or checkpoint the converter cannot handle; the message is one line with the fix."""
+from megatron_opcd.config import ModelConfig
+from megatron_opcd.errors import ConfigError, ConversionError
 
 
 Kind = Literal["copy", "vocab", "qkv", "fc1"]

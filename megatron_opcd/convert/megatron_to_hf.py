@@ -21,10 +21,11 @@ from typing import Optional
 import torch
 
 from megatron_opcd.config import ModelConfig, from_dict, to_dict
-from megatron_opcd.convert import hf_files
+# By its full name: `from megatron_opcd.convert import hf_files` would depend on the package's __init__,
+# which imports this module (an import cycle: docs/architecture.md).
+import megatron_opcd.convert.hf_files as hf_files
 from megatron_opcd.convert.mappings import (
     ARCHITECTURES,
-    ConversionError,
     architectural_differences,
     architecture,
     architecture_of,
@@ -34,6 +35,7 @@ from megatron_opcd.convert.mappings import (
     rule_for,
     to_hf,
 )
+from megatron_opcd.errors import ConversionError
 
 _DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "fp32": (torch.float32, "float32"),
            "fp16": (torch.float16, "float16")}
@@ -83,8 +85,9 @@ def megatron_to_hf(ckpt_dir: str | Path, out_path: str | Path, *, arch: Optional
     is refused. Default: inferred from the checkpoint's ModelConfig (QK-norm: qwen3; QKV bias:
     qwen2; neither: llama). `dtype`: bf16 | fp32 | fp16, default the checkpoint's. Returns out_path.
     """
-    from megatron_opcd.checkpointing import CheckpointError, read_model_config, tokenizer_dir
+    from megatron_opcd.checkpointing import read_model_config, tokenizer_dir
     from megatron_opcd.convert.hf_to_megatron import run_conversion_ranks
+    from megatron_opcd.errors import CheckpointError
 
     ckpt, out = Path(ckpt_dir), Path(out_path)
     if not ckpt.exists():

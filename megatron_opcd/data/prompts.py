@@ -19,11 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from megatron_opcd.config import ConfigError
-
-
-class DataError(ValueError):
-    """Input data that cannot be used. One line: the file, the line, the problem, the fix."""
+from megatron_opcd.errors import ConfigError, DataError
 
 
 MAX_LINE_BYTES = 16 * 2**20

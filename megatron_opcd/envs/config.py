@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_opcd.config import ConfigError
+from megatron_opcd.errors import ConfigError
 
 
 @dataclass

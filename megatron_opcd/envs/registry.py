@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from megatron_opcd.data.prompts import DataError
 from megatron_opcd.envs.base import first_user_message
 from megatron_opcd.envs.frozen_lake import FrozenLake
 from megatron_opcd.envs.sokoban import Sokoban
+from megatron_opcd.errors import DataError
 
 GAMES = {"frozen_lake": FrozenLake, "sokoban": Sokoban}
 

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
-from megatron_opcd.data.prompts import DataError, Example
+from megatron_opcd.data.prompts import Example
+from megatron_opcd.errors import DataError
 
 MARKER = "- EXPERIENCE ITEM:"
 NO_EXPERIENCE = "(none yet)"

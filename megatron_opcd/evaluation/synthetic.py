@@ -37,50 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from megatron_opcd.config import ConfigError, set_dotted
-from megatron_opcd.data.prompts import Example
-from megatron_opcd.evaluation.tasks import Task
+from megatron_opcd.config import set_dotted
+from megatron_opcd.errors import ConfigError
+from megatron_opcd.evaluation.tasks import DIGITS, SEPARATOR, apply_rule, digits_of
 
-DIGITS = "123456789"
 CONTEXT = "R:sort"
-SEPARATOR = "|"
 PROMPT_END = "="
 ALPHABET = DIGITS + CONTEXT + SEPARATOR + PROMPT_END
 MIN_LEN, MAX_LEN = 3, 5
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
              make_vocab_size_divisible_by=8, max_position_embeddings=64, init_method_std=0.02)
-
-
-def digits_of(prompt: str) -> str:
-    """The digit string of a prompt ("R:sort|4213=" or "4213=" -> "4213")."""
-    body = prompt.split(SEPARATOR)[-1]
-    return "".join(ch for ch in body if ch in DIGITS)
-
-
-def apply_rule(digits: str, rule: str) -> str:
-    if rule == "sort":
-        return "".join(sorted(digits))
-    if rule == "copy":
-        return digits
-    raise ValueError(f"unknown synthetic rule {rule!r}; use sort or copy")
-
-
-class SyntheticTask(Task):
-    """Grade: the stripped response equals the rule applied to the prompt's digits
-    (sort: what the context asks for; copy: what the model does without it)."""
-
-    name = "synthetic"
-    needs_answer = False
-
-    def __init__(self, rule: str = "sort", **kw):
-        super().__init__(**kw)
-        if rule not in ("sort", "copy"):
-            raise ConfigError(f"task synthetic: rule={rule!r} must be sort or copy")
-        self.rule = rule
-
-    def grade(self, response: str, example: Example) -> float:
-        return float(response.strip() == apply_rule(digits_of(example.prompt), self.rule))
 
 
 def random_digits(rng: random.Random) -> str:

@@ -10,7 +10,7 @@
     choice        the chosen letter (A-D, or A-E with num_choices=5) is example.answer   MedMCQA style
     safety        the chosen label (e.g. safe/unsafe) is example.answer             TweetEval / HateCheck / Ethos style
     exact         the stripped response equals example.answer
-    synthetic     the toy sort/copy task of megatron_opcd.evaluation.synthetic
+    synthetic     the toy sort/copy task (its data and model: megatron_opcd.evaluation.synthetic)
 
 Instructions are off by default (the trainer's periodic evaluation grades the raw prompts of the
 data): `instruction="default"` appends the task's file from megatron_opcd/prompts/, any other
@@ -22,9 +22,16 @@ from __future__ import annotations
 import inspect
 from typing import Optional, Sequence
 
-from megatron_opcd.config import ConfigError
 from megatron_opcd.data.prompts import Example
-from megatron_opcd.evaluation import answers
+from megatron_opcd.errors import ConfigError
+from megatron_opcd.evaluation.answers import (
+    choice_letters,
+    extract_choice,
+    extract_label,
+    extract_math_answer,
+    gold_choice,
+    math_equal,
+)
 from megatron_opcd.evaluation.language import canonical_language, detect_language
 from megatron_opcd.evaluation.templates import fill, load_prompt
 
@@ -124,11 +131,11 @@ class MathTask(Task):
         self.rel_tol = rel_tol
 
     def extract(self, response: str) -> Optional[str]:
-        return answers.extract_math_answer(response, fallback_last_number=self.fallback_last_number)
+        return extract_math_answer(response, fallback_last_number=self.fallback_last_number)
 
     def grade(self, response: str, example: Example) -> float:
-        gold = answers.extract_math_answer(self._answer(example)) or self._answer(example)
-        return float(answers.math_equal(self.extract(response), gold, rel_tol=self.rel_tol))
+        gold = extract_math_answer(self._answer(example)) or self._answer(example)
+        return float(math_equal(self.extract(response), gold, rel_tol=self.rel_tol))
 
 
 class ChoiceTask(Task):
@@ -139,7 +146,7 @@ class ChoiceTask(Task):
 
     def __init__(self, num_choices: int = 4, **kw):
         try:
-            self.letters = answers.choice_letters(num_choices)
+            self.letters = choice_letters(num_choices)
         except ValueError as exc:
             raise ConfigError(f"task choice: {exc}") from None
         super().__init__(**kw)
@@ -148,13 +155,13 @@ class ChoiceTask(Task):
         return {"letters": ", ".join(self.letters)}
 
     def extract(self, response: str) -> Optional[str]:
-        return answers.extract_choice(response, self.letters)
+        return extract_choice(response, self.letters)
 
     def check_gold(self, example: Example) -> None:
-        answers.gold_choice(self._answer(example), self.letters)
+        gold_choice(self._answer(example), self.letters)
 
     def grade(self, response: str, example: Example) -> float:
-        gold = answers.gold_choice(self._answer(example), self.letters)
+        gold = gold_choice(self._answer(example), self.letters)
         return float(self.extract(response) == gold)
 
 
@@ -189,7 +196,7 @@ class SafetyTask(Task):
 
     def extract(self, response: str) -> Optional[str]:
         vocabulary = list(self.labels) + list(self.aliases)
-        return self._canonical(answers.extract_label(response, vocabulary))
+        return self._canonical(extract_label(response, vocabulary))
 
     def check_gold(self, example: Example) -> None:
         if self._canonical(self._answer(example)) is None:
@@ -217,10 +224,45 @@ class ExactMatchTask(Task):
         return float(a == b)
 
 
-def _synthetic_task(**kwargs) -> Task:
-    from megatron_opcd.evaluation.synthetic import SyntheticTask
+# ----------------------------------------------------------------------------------------------
+# The grader of the synthetic task. Its data and the tiny model that learns it are
+# evaluation/synthetic.py, which builds on this module; the grader is here, with the other tasks.
 
-    return SyntheticTask(**kwargs)
+DIGITS = "123456789"
+SEPARATOR = "|"
+"""A synthetic prompt is 3-5 DIGITS then "=" ("4213="); the teacher's puts the context and
+SEPARATOR before it ("R:sort|4213=")."""
+
+
+def digits_of(prompt: str) -> str:
+    """The digit string of a prompt ("R:sort|4213=" or "4213=" -> "4213")."""
+    body = prompt.split(SEPARATOR)[-1]
+    return "".join(ch for ch in body if ch in DIGITS)
+
+
+def apply_rule(digits: str, rule: str) -> str:
+    if rule == "sort":
+        return "".join(sorted(digits))
+    if rule == "copy":
+        return digits
+    raise ValueError(f"unknown synthetic rule {rule!r}; use sort or copy")
+
+
+class SyntheticTask(Task):
+    """Grade: the stripped response equals the rule applied to the prompt's digits
+    (sort: what the context asks for; copy: what the model does without it)."""
+
+    name = "synthetic"
+    needs_answer = False
+
+    def __init__(self, rule: str = "sort", **kw):
+        super().__init__(**kw)
+        if rule not in ("sort", "copy"):
+            raise ConfigError(f"task synthetic: rule={rule!r} must be sort or copy")
+        self.rule = rule
+
+    def grade(self, response: str, example: Example) -> float:
+        return float(response.strip() == apply_rule(digits_of(example.prompt), self.rule))
 
 
 TASKS = {
@@ -230,7 +272,7 @@ TASKS = {
     "choice": ChoiceTask,
     "safety": SafetyTask,
     "exact": ExactMatchTask,
-    "synthetic": _synthetic_task,
+    "synthetic": SyntheticTask,
 }
 
 
@@ -238,14 +280,10 @@ def get_task(name: str, **kwargs) -> Task:
     """The task called `name`, built with `kwargs` (the config's evaluation.task_args)."""
     if name not in TASKS:
         raise ConfigError(f"unknown evaluation task {name!r}; known tasks: {', '.join(TASKS)}")
-    factory = TASKS[name]
-    target = factory
-    if factory is _synthetic_task:
-        from megatron_opcd.evaluation.synthetic import SyntheticTask as target  # noqa: N813
+    task_class = TASKS[name]
     params = {}
-    for cls in (target.__mro__ if isinstance(target, type) else (target,)):
-        init = cls.__init__ if isinstance(target, type) else cls
-        for p in inspect.signature(init).parameters.values():
+    for cls in task_class.__mro__:
+        for p in inspect.signature(cls.__init__).parameters.values():
             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 params.setdefault(p.name, p)
         if cls is Task:
@@ -253,4 +291,4 @@ def get_task(name: str, **kwargs) -> Task:
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         raise ConfigError(f"task {name!r} takes no argument {unknown[0]!r}; its arguments: {', '.join(params)}")
-    return factory(**kwargs)
+    return task_class(**kwargs)

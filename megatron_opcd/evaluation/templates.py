@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from megatron_opcd.data.prompts import DataError
+from megatron_opcd.errors import DataError
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 

@@ -11,7 +11,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_opcd.config import ConfigError, ModelConfig, ParallelConfig, check_runtime
+from megatron_opcd.compat.optional import check_runtime
+from megatron_opcd.config import ModelConfig, ParallelConfig
+from megatron_opcd.errors import ConfigError
 from megatron_opcd.models.sharding import layout_invariant_init_
 from megatron_opcd.models.spec import fp8_kwargs, layer_spec
 from megatron_opcd.parallel import ParallelGroups

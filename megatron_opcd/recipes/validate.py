@@ -9,7 +9,7 @@ from typing import Sequence
 
 import yaml
 
-from megatron_opcd.config import ConfigError
+from megatron_opcd.errors import ConfigError
 from megatron_opcd.training.config import load_train_config
 
 

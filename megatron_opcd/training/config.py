@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megatron_opcd.config import (
-    ConfigError,
     ModelConfig,
     ParallelConfig,
     apply_overrides,
@@ -32,6 +31,7 @@ from megatron_opcd.config import (
     load_yaml,
 )
 from megatron_opcd.envs.config import GameConfig
+from megatron_opcd.errors import ConfigError
 from megatron_opcd.generation.sampling import SamplingParams
 from megatron_opcd.losses.divergence import DivergenceSpec
 

@@ -28,6 +28,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+from megatron_opcd.errors import TemplateError
+
 Segments = list[tuple[list[int], bool]]
 Policy = Callable[[list[list[int]], int], tuple[list[list[int]], Optional[list[list[float]]]]]
 """policy(token sequences of the unfinished episodes, round) -> (one reply (token ids) each, their
@@ -55,11 +57,6 @@ class GameSetup:
     def render_kwargs(self) -> dict:
         return dict(use_chat_template=self.use_chat_template, placement=self.placement, separator=self.separator,
                     max_total_tokens=self.max_total_tokens)
-
-
-class TemplateError(ValueError):
-    """A chat template whose rendering of a conversation is not a prefix of the rendering of its
-    continuation: multi-turn transcripts cannot be built by appending turns."""
 
 
 @dataclass

@@ -28,10 +28,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.config import ConfigError
 from megatron_opcd.data.packing import pack_segments
-from megatron_opcd.data.prompts import DataError, Example
+from megatron_opcd.data.prompts import Example
 from megatron_opcd.data.render import common_prefix
+from megatron_opcd.errors import ConfigError, DataError
 from megatron_opcd.training.episodes import Episode, GameSetup, drop_prefix, flatten, play_episodes
 from megatron_opcd.training.trainer import Trainer
 

@@ -25,9 +25,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_opcd.config import ConfigError, ModelConfig
+from megatron_opcd.config import ModelConfig
 from megatron_opcd.data.prompts import ContextSampler, Example, load_contexts, load_examples
 from megatron_opcd.data.render import PromptRenderer
+from megatron_opcd.errors import ConfigError
 
 
 @dataclass
@@ -109,7 +110,7 @@ def fit_examples(examples: list[Example], renderer: PromptRenderer, contexts: li
     """The examples that fit the length budget with their longest possible context. Contexts
     that will be cut (data.too_long=truncate_context) or examples that will be skipped (skip)
     are reported here, once, with the numbers; data.too_long=error raises on the first."""
-    from megatron_opcd.data.prompts import DataError
+    from megatron_opcd.errors import DataError
 
     longest = max(contexts, key=len) if contexts else None
     kept, skipped, cut = [], 0, []

@@ -40,7 +40,6 @@ import torch.distributed as dist
 from megatron_opcd.checkpointing import (
     MARKER,
     MODEL_PARTS,
-    CheckpointError,
     _broadcast_str,
     _first_line,
     _fsync_dir,
@@ -55,7 +54,7 @@ from megatron_opcd.checkpointing import (
     unwrap,
     verify_checkpoint,
 )
-from megatron_opcd.config import ConfigError
+from megatron_opcd.errors import CheckpointError, ConfigError
 
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 # What an interrupted save, re-save or retention leaves (AtomicCheckpointDir's and apply_retention's names).

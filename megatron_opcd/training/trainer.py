@@ -33,13 +33,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoint: re-exported (it moved there)
-    CheckpointError, check_matches_checkpoint, load_model_weights, prepare_writer, read_model_config, tokenizer_dir,
+    check_matches_checkpoint, load_model_weights, prepare_writer, read_model_config, tokenizer_dir,
     unwrap,
 )
-from megatron_opcd.config import ConfigError, ModelConfig
+from megatron_opcd.config import ModelConfig
 from megatron_opcd.data.packing import gather_response, pack
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream
 from megatron_opcd.data.render import common_prefix, shared_prefix
+from megatron_opcd.errors import ConfigError, NonFiniteError
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups, dp_share
@@ -58,10 +59,6 @@ from megatron_opcd.training.optimizer import build_optimizer
 from megatron_opcd.training.preempt import Preemption, StepAbandoned, signal_name
 from megatron_opcd.training.preflight import preflight
 from megatron_opcd.training import state as ckpt_state
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients are NaN/inf and numerics.on_nonfinite=stop (or too many skips)."""
 
 
 @dataclass

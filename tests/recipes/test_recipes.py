@@ -21,7 +21,7 @@ run = pytest.importorskip("nemo_run", reason="nemo_run is not installed here: `m
                                              "tests in .venv-nemo with the nemo extra")
 
 from megatron_opcd import recipes  # noqa: E402
-from megatron_opcd.config import ConfigError  # noqa: E402
+from megatron_opcd.errors import ConfigError  # noqa: E402
 from megatron_opcd.recipes.settings import SETTINGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -201,8 +201,9 @@ def test_kill_during_retention_leaves_no_partial_checkpoint(tmp_path, monkeypatc
 
 @pytest.mark.timeout(30)
 def test_nonfinite_weights_are_never_written(tmp_path):
-    from megatron_opcd.checkpointing import CheckpointError, save_checkpoint
+    from megatron_opcd.checkpointing import save_checkpoint
     from megatron_opcd.config import ModelConfig
+    from megatron_opcd.errors import CheckpointError
 
     model = torch.nn.Linear(4, 4)
     with torch.no_grad():

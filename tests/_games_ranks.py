@@ -116,7 +116,7 @@ def played_alignment(tok_path: str, chat: bool) -> dict:
     from megatron_opcd.data.tokenizer import load_tokenizer
     from megatron_opcd.generation import SamplingParams, score
     from megatron_opcd.models import build_model
-    from megatron_opcd.training.episodes import GameSetup, drop_prefix, flatten, play_episodes
+    from megatron_opcd.generation.episodes import GameSetup, drop_prefix, flatten, play_episodes
 
     groups = parallel.initialize(ParallelConfig())
     tok = load_tokenizer(tok_path)

@@ -32,7 +32,7 @@ from megatron_opcd.config import ConfigError
 from megatron_opcd.data.packing import pack_segments
 from megatron_opcd.data.prompts import DataError, Example
 from megatron_opcd.data.render import common_prefix
-from megatron_opcd.training.episodes import Episode, GameSetup, drop_prefix, flatten, play_episodes
+from megatron_opcd.generation.episodes import Episode, GameSetup, drop_prefix, flatten, play_episodes
 from megatron_opcd.training.trainer import Trainer
 
 

@@ -58,13 +58,13 @@ from megatron_opcd.training.engine import (
     wrap_ddp,
     zero_grads,
 )
+from megatron_opcd.training.games import GameSource
 from megatron_opcd.training.metrics import MetricsLogger
 from megatron_opcd.training.objectives import MicroBatch, build_objective
 from megatron_opcd.training.optimizer import build_optimizer
 from megatron_opcd.training.preempt import Preemption, StepAbandoned, signal_name
 from megatron_opcd.training.preflight import preflight
 from megatron_opcd.training.sources import PromptSource, Rollout, RolloutSource
-from megatron_opcd.training.games import GameSource
 from megatron_opcd.training import state as ckpt_state
 
 

@@ -57,3 +57,31 @@ def test_teacher_logits_live_one_micro_batch_and_context_prefilled_once(run_rank
     assert got["prefills"] == 1, got
     assert got["peak"] == got["largest"] > 0, got
     assert all(x == x for x in got["losses"])
+
+
+def test_teacher_prefix_is_the_rendered_context_or_the_common_prefix(monkeypatch):
+    """The one shared-prefix helper of rollouts, teacher scoring and the held-out KL: rows with one
+    context share its rendered tokens (checked against the rows), rows with different contexts their
+    common prefix; each prefix is prefilled once, a few are kept (oldest out first), clear() drops them."""
+    import megatron_opcd.generation as generation
+    from megatron_opcd.generation.prefix import TeacherPrefix
+
+    prefilled = []
+    monkeypatch.setattr(generation, "prefill_prefix", lambda model, ids, groups: prefilled.append(ids) or tuple(ids))
+    renderer = SimpleNamespace(context_prefix=lambda ctx: [1, 2, 3])
+    prefixes = TeacherPrefix(renderer, groups=None, entries=2)
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]]
+    assert prefixes.tokens(rows, ["c", "c"]) == [1, 2, 3]  # the context's, not the longer common [1, 2, 3, 4]
+    assert prefixes.tokens([[1, 2, 9], [1, 2, 8]], ["c", "c"]) == [1, 2]  # a row that does not start with it
+    assert prefixes.tokens(rows, ["c", "d"]) == [1, 2, 3, 4]
+    assert prefixes.tokens([[1, 2]], ["c"]) == [1]  # one token of every row is left
+    cache, rest = prefixes.split(None, rows, ["c", "c"])
+    assert cache == (1, 2, 3) and rest == [[4, 5], [4, 6]]
+    prefixes.split(None, rows, ["c", "c"])
+    assert prefilled == [[1, 2, 3]]  # reused
+    prefixes.cache(None, [7]), prefixes.cache(None, [8]), prefixes.cache(None, [1, 2, 3])
+    assert prefilled == [[1, 2, 3], [7], [8], [1, 2, 3]]  # two kept: [1, 2, 3] was the oldest
+    assert prefixes.cache(None, []) is None
+    prefixes.clear()
+    prefixes.cache(None, [8])
+    assert prefilled[-1] == [8]

@@ -57,9 +57,10 @@
     shared context against the same call without it (8 x (32 prompt + 64 response) tokens); the
     context's keys and values are one copy that all rows read (cascade attention). Headline: the
     context's `PrefixCache` prefilled once beforehand and reused, which is what the trainer does
-    for a frozen teacher (`Trainer.teacher_prefix`: once per run per context; once per step for `teacher: self`). For
-    reference: the prefill inside the call (`prefix=ids`), the context concatenated into every row
-    (no reuse; (a)'s teacher only, two runs), and the prefill alone. Median of interleaved repeats.
+    for a frozen teacher (`TeacherPrefix`, generation/prefix.py: once per run per context; once
+    per step for `teacher: self`). For reference: the prefill inside the call (`prefix=ids`), the
+    context concatenated into every row (no reuse; (a)'s teacher only, two runs), and the prefill
+    alone. Median of interleaved repeats.
     Reuse removes the context's weight matmuls; what no reuse can remove is every response token
     attending to the P context keys, 4 x P x hidden FLOPs per token and layer against roughly
     22 x hidden^2 for the layer's weights: the floor falls with the width. Two teachers are
@@ -487,7 +488,7 @@ def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     headline = "teacher-shaped" if "teacher-shaped" in overheads else "(a)'s teacher"
     overhead = overheads[headline]
     print(f"context_overhead = with / without on the {headline} model, the context's PrefixCache prefilled once and "
-          f"reused (what the trainer does for a frozen teacher: Trainer.teacher_prefix), by {args.clock} time: "
+          f"reused (what the trainer does for a frozen teacher: TeacherPrefix), by {args.clock} time: "
           f"{overhead:.3f}")
     for t in ours.values():
         t.logger.close()

@@ -58,13 +58,8 @@ def run(config_path, overrides) -> dict:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     groups = parallel.initialize(cfg.parallel)
     try:
-        if cfg.game is not None:  # a text game: multi-turn episodes (training/games.py)
-            from megatron_opcd.training.games import GameTrainer
-
-            trainer = GameTrainer(cfg, groups)
-        else:
-            trainer = Trainer(cfg, groups)
-        return trainer.train()
+        # One trainer; a `game:` section makes its rollout source text games (training/games.py).
+        return Trainer(cfg, groups).train()
     finally:
         from megatron_opcd.training.state import release_locks
 

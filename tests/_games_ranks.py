@@ -51,7 +51,7 @@ def model_section(hidden: int = 64) -> dict:
 
 
 def make_game_run(root: Path, tok: Path, *, game: str = "frozen_lake", chat: bool = False) -> Path:
-    """A tiny GameTrainer config: 2-layer student, 2-layer frozen teacher (wider), 2 rounds of 4 tokens."""
+    """A tiny game-training config: 2-layer student, 2-layer frozen teacher (wider), 2 rounds of 4 tokens."""
     from megatron_opcd.envs import write_levels
 
     root.mkdir(parents=True, exist_ok=True)
@@ -80,17 +80,19 @@ def make_game_run(root: Path, tok: Path, *, game: str = "frozen_lake", chat: boo
 
 
 def game_step(config_path: str, overrides: list[str]) -> dict:
-    """One multi-turn OPCD step of the GameTrainer at the config's layout, then one evaluation."""
+    """One multi-turn OPCD step of the Trainer (its game source) at the config's layout, then one evaluation."""
     from _layouts import _full_weights
     from megatron_opcd import parallel
     from megatron_opcd.training.config import load_train_config
-    from megatron_opcd.training.games import GameTrainer
+    from megatron_opcd.training.games import GameSource
+    from megatron_opcd.training.trainer import Trainer
 
     cfg = load_train_config(config_path, overrides)
     groups = parallel.initialize(cfg.parallel)
-    trainer = GameTrainer(cfg, groups)
+    trainer = Trainer(cfg, groups)
+    assert isinstance(trainer.source, GameSource)  # chosen from the config's game: section
     result = trainer.train_step()
-    episodes = trainer._last_episodes
+    episodes = trainer.last_rollout.episodes
     evaluation = trainer.evaluate(1)
     out = {"loss": result.metrics["loss"], "metrics": result.metrics, "eval": evaluation,
            "responses": [e.response_tokens for e in episodes], "rounds": [e.rounds for e in episodes],
@@ -116,7 +118,7 @@ def played_alignment(tok_path: str, chat: bool) -> dict:
     from megatron_opcd.data.tokenizer import load_tokenizer
     from megatron_opcd.generation import SamplingParams, score
     from megatron_opcd.models import build_model
-    from megatron_opcd.training.episodes import GameSetup, drop_prefix, flatten, play_episodes
+    from megatron_opcd.generation.episodes import GameSetup, drop_prefix, flatten, play_episodes
 
     groups = parallel.initialize(ParallelConfig())
     tok = load_tokenizer(tok_path)

@@ -12,7 +12,7 @@ from _layouts import merge
 from megatron_opcd.data.packing import gather_response, pack_segments
 from megatron_opcd.envs import GAMES, ScriptedPlayer, get_game, parse_action, shortest_solution
 from megatron_opcd.errors import TemplateError
-from megatron_opcd.training.episodes import TurnRenderer, flatten, run_episodes
+from megatron_opcd.generation.episodes import TurnRenderer, flatten, run_episodes
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_game_experience_accumulates_per_seed_and_selects():
     its own order, sees its own experience so far, and the pool/selection code is the shared one."""
     from megatron_opcd.evaluation.experience import pool_contexts, select_best
     from megatron_opcd.evaluation.games import extract_game_pool
-    from megatron_opcd.training.episodes import GameSetup
+    from megatron_opcd.generation.episodes import GameSetup
 
     seen = []
 

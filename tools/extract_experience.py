@@ -280,7 +280,7 @@ def _run_game(args) -> dict:
     from megatron_opcd.evaluation.experience import ModelCompleter
     from megatron_opcd.evaluation.games import evaluate_game, extract_game_pool, model_player
     from megatron_opcd.generation import SamplingParams
-    from megatron_opcd.training.episodes import GameSetup
+    from megatron_opcd.generation.episodes import GameSetup
 
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

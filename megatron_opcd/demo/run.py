@@ -11,7 +11,8 @@ the context, graded for the pirate rule, and the trainer's exact held-out KL(stu
 with the context) over the whole vocabulary on those answers (what OPCD minimises, not the
 training loss on fresh samples); and the French rule given in context (what the student keeps).
 The step-0 point is the base model's, the same for every seed and method: measured once.
-Evaluations go through `megatron_opcd.evaluation.evaluate_task` and `training.evaluate.eval_kl`.
+Evaluations go through `megatron_opcd.evaluation.evaluate_task` and `evaluation.runner.heldout_kl`
+(the trainer's held-out KL, `trainer.source.heldout_kl`).
 
 Why two independent single-rank jobs, one per core, rather than one 2-rank job: SmolLM2-135M has
 9 attention heads and 3 query groups, so tensor parallelism over 2 ranks cannot split them, and
@@ -104,7 +105,7 @@ def train_config(plan: Plan, method: str, seed: Optional[int] = None):
         optimizer=OptimizerConfig(name="adam", lr=plan.lr, clip_grad=1.0),
         schedule=ScheduleConfig(steps=plan.steps, global_batch_size=plan.batch, micro_batch_size=plan.batch),
         checkpoint=CheckpointConfig(pretrained=plan.ckpt, save=None, save_at_end=False, resume=False),
-        # The curve's held-out KL (demo/run.py calls eval_kl itself): greedy answers of the graded length.
+        # The curve's held-out KL (demo/run.py calls trainer.source.heldout_kl itself): greedy answers of the graded length.
         evaluation=EvaluationConfig(interval=0, greedy=True, max_new_tokens=plan.eval_tokens),
         # The console shows the parent's bars; this job's own log goes to OUT/<job>.log.
         logging=LoggingConfig(dir=f"{plan.out_dir}/{method}/seed{seed}", tensorboard=False, progress=False),
@@ -178,9 +179,7 @@ def curve_point(trainer, plan: Plan, examples, pirate, french, step: int, *, ood
     """One learning-curve point of `trainer.student` on the fixed held-out `examples`: its greedy
     answers without the context graded for the pirate rule, the exact held-out KL(student ||
     teacher with the context) on those answers, and (with `ood`) the French rule in context."""
-    from megatron_opcd.training.evaluate import eval_kl
-
-    kl, responses = eval_kl(trainer, examples, step)
+    kl, responses = trainer.source.heldout_kl(examples, step)
     texts = [trainer.tokenizer.decode(r) for r in responses]
     point = {"accuracy": sum(pirate.grade(t, e) for t, e in zip(texts, examples)) / max(len(examples), 1),
              "heldout_kl": kl, "ood_accuracy": float("nan")}

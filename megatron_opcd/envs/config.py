@@ -1,4 +1,4 @@
-"""The trainer's `game:` section (a YAML with one is trained by `training.games.GameTrainer`)."""
+"""The trainer's `game:` section (a YAML with one is trained by the Trainer with `training.games.GameSource`)."""
 
 from __future__ import annotations
 

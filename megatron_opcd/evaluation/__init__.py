@@ -18,7 +18,7 @@ from megatron_opcd.evaluation.answers import (
     normalize_math,
 )
 from megatron_opcd.evaluation.language import detect_language
-from megatron_opcd.evaluation.runner import evaluate_task, evaluate_with_and_without, generate_texts
+from megatron_opcd.evaluation.runner import evaluate_task, generate_texts
 from megatron_opcd.evaluation.tasks import (
     TASKS,
     ChoiceTask,
@@ -42,7 +42,6 @@ __all__ = [
     "Task",
     "detect_language",
     "evaluate_task",
-    "evaluate_with_and_without",
     "extract_choice",
     "extract_label",
     "extract_math_answer",

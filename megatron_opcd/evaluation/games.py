@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_opcd.evaluation.experience import ExperienceRun, ExperienceStep, NO_EXPERIENCE, _key, accumulate, parse_items
+from megatron_opcd.generation.episodes import Episode, GameSetup, play_episodes
 from megatron_opcd.parallel import dp_share
-from megatron_opcd.training.episodes import Episode, GameSetup, play_episodes
+
 
 
 @torch.no_grad()

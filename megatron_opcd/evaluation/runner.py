@@ -1,8 +1,14 @@
-"""Evaluate a task with or without the context, through the shared generation loop.
+"""Evaluation through the shared generation loop: a task with or without the context (the
+`megatron_opcd.evaluate` CLI, the demo, experience extraction), and the trainer's periodic
+evaluation (the held-out KL, the task's accuracy, the samples), on the same rendering, grading
+and gathering.
 
     evaluate_task(model, tokenizer, renderer, examples, task, groups=..., sampling=..., vocab_size=...,
                   contexts=None | "one context" | [context per example])
         -> {"accuracy", "n", "skipped", "with_context", "samples": [{"index", "prompt", "response", "score"}]}
+    evaluate_heldout(student=..., teacher=..., tokenizer=..., renderer=..., examples=..., contexts=..., task=...,
+                     step=..., groups=..., sampling=..., vocab_size=..., temperature=..., prefixes=...)
+        -> ({"kl"(, "accuracy")}, samples)      the trainer's, through training.sources.PromptSource
 
 Phases: render (student rendering without a context, the teacher's with one) -> generate in
 batches (the token prefix shared by every row, e.g. one system prompt, is prefilled once and its
@@ -89,6 +95,31 @@ def generate_texts(model, tokenizer, rows: list[list[int]], *, groups, sampling,
     return texts
 
 
+
+def grade(task, texts: Sequence[str], examples: Sequence[Example], prompts: Sequence[str]) -> list[dict]:
+    """One sample per response: {"index", "prompt", "response", "score"} with the task's grade in [0, 1]."""
+    samples = []
+    for text, e, prompt in zip(texts, examples, prompts):
+        score = float(task.grade(text, e))
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"task {task!r} returned the grade {score}, outside [0, 1]")
+        samples.append({"index": e.index, "prompt": prompt, "response": text, "score": score})
+    return samples
+
+
+def gather(samples: list[dict], counts: list[float], groups) -> tuple[list[dict], list[float]]:
+    """`counts` summed and `samples` concatenated over data-parallel replicas (replica order =
+    example order, as each replica holds a contiguous share): every rank gets the same."""
+    totals = torch.tensor(counts, dtype=torch.float64)
+    if groups.dp_size > 1:
+        if counts:
+            dist.all_reduce(totals, group=groups.dp_group)
+        parts: list = [None] * groups.dp_size
+        dist.all_gather_object(parts, samples, group=groups.dp_group)
+        samples = [s for part in parts for s in part]
+    return samples, totals.tolist()
+
+
 def evaluate_task(model, tokenizer, renderer, examples: Sequence[Example], task, *, groups, sampling,
                   vocab_size: int, contexts: Contexts = None, batch_size: int = 16) -> dict:
     """Accuracy of `model` on `examples` under `task`, without the context (`contexts=None`) or
@@ -104,20 +135,9 @@ def evaluate_task(model, tokenizer, renderer, examples: Sequence[Example], task,
     kept = [i for i, r in enumerate(rows) if r is not None]
     texts = generate_texts(model, tokenizer, [rows[i] for i in kept], groups=groups, sampling=sampling,
                            vocab_size=vocab_size, batch_size=batch_size, seed_offset=1_000_003 * groups.dp_rank)
-    samples = []
-    for i, text in zip(kept, texts):
-        score = float(task.grade(text, mine[i]))
-        if not 0.0 <= score <= 1.0:
-            raise ValueError(f"task {task!r} returned the grade {score}, outside [0, 1]")
-        samples.append({"index": mine[i].index, "prompt": prompts[i], "response": text, "score": score})
-    counts = torch.tensor([sum(s["score"] for s in samples), float(len(samples)), float(len(rows) - len(kept))],
-                          dtype=torch.float64)
-    if groups.dp_size > 1:
-        dist.all_reduce(counts, group=groups.dp_group)
-        gathered: list = [None] * groups.dp_size
-        dist.all_gather_object(gathered, samples, group=groups.dp_group)
-        samples = [s for part in gathered for s in part]  # replica order = example order
-    total, n, skipped = counts.tolist()
+    samples = grade(task, texts, [mine[i] for i in kept], [prompts[i] for i in kept])
+    samples, (total, n, skipped) = gather(
+        samples, [sum(s["score"] for s in samples), float(len(samples)), float(len(rows) - len(kept))], groups)
     return {
         "accuracy": total / n if n else float("nan"),
         "n": int(n),
@@ -127,10 +147,65 @@ def evaluate_task(model, tokenizer, renderer, examples: Sequence[Example], task,
     }
 
 
-def evaluate_with_and_without(model, tokenizer, renderer, examples, task, *, context: Contexts, **kwargs) -> dict:
-    """{"without": evaluate_task(... no context), "with": evaluate_task(... context)}: the gap
-    that context distillation is meant to close."""
-    return {
-        "without": evaluate_task(model, tokenizer, renderer, examples, task, contexts=None, **kwargs),
-        "with": evaluate_task(model, tokenizer, renderer, examples, task, contexts=context, **kwargs),
-    }
+# ----------------------------------------------------------------------------------------------
+# the trainer's evaluation: the same rendering, grading and gathering, plus the held-out KL
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher, tokenizer, renderer, examples: Sequence[Example], contexts: list[Optional[str]], *,
+               groups, sampling, vocab_size: int, temperature: float, prefixes) -> tuple[float, list[list[int]]]:
+    """The student answers `examples` (this DP rank's share) without the context; the teacher
+    scores the same responses with `contexts` (its shared prefix from `prefixes`, a
+    `generation.prefix.TeacherPrefix` of the teacher); the exact per-token KL(student || teacher)
+    over the whole vocabulary, averaged over the response tokens of the world. Returns (that KL,
+    this rank's responses). A DP replica without examples adds zeros but still joins the
+    all-reduce (returning early hung the others)."""
+    buf = torch.zeros(2, dtype=torch.float64)  # [KL sum, response tokens]: host floats, gloo reduces them
+    responses: list[list[int]] = []
+    if examples:
+        responses = _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf, groups=groups,
+                             sampling=sampling, vocab_size=vocab_size, temperature=temperature, prefixes=prefixes)
+    dist.all_reduce(buf)
+    return float(buf[0] / buf[1]) if buf[1] > 0 else float("nan"), responses
+
+
+def _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf: torch.Tensor, *, groups, sampling,
+             vocab_size: int, temperature: float, prefixes) -> list[list[int]]:
+    from megatron_opcd.generation import generate, score
+    from megatron_opcd.losses import DivergenceSpec, vocab_parallel_divergence
+
+    pairs = [renderer.pair(e.prompt, c) for e, c in zip(examples, contexts)]
+    student_prompts = [p.student for p in pairs]
+    out = generate(student, student_prompts, sampling, groups=groups, vocab_size=vocab_size, decode=tokenizer.decode)
+    responses = [list(r) if r else [tokenizer.eos_ids[0]] for r in out.responses]
+    cache, rows = prefixes.split(teacher, [p.teacher for p in pairs], contexts)
+    t = score(teacher, rows, responses, groups=groups, prefix=cache, vocab_size=vocab_size, pad_id=tokenizer.pad_id)
+    s = score(student, student_prompts, responses, groups=groups, vocab_size=vocab_size, pad_id=tokenizer.pad_id)
+    if groups.is_last_stage:
+        spec = DivergenceSpec(kind="reverse_kl", topk=None, temperature=temperature, vocab_size=vocab_size)
+        kl = vocab_parallel_divergence(s.logits, t.logits, spec, groups.tp_group)
+        if groups.tp_rank == 0:
+            buf[0] = float((kl.double() * s.mask.double()).sum())
+            buf[1] = float(s.mask.double().sum())
+    return responses
+
+
+def evaluate_heldout(*, student, teacher, tokenizer, renderer, examples: Sequence[Example], contexts, task=None,
+                     step: int, **kl_kwargs) -> tuple[dict, list[dict]]:
+    """(metrics, samples) of the trainer's periodic evaluation on `examples` (this DP rank's share
+    of the held-out prompts): {"kl"} from `heldout_kl`, and with a `task` {"accuracy"} of the
+    student's responses without the context; the samples {"step", "index", "prompt", "response"
+    (, "score")} of every replica, in example order. The model modes are the caller's."""
+    kl, responses = heldout_kl(student, teacher, tokenizer, renderer, examples, contexts, **kl_kwargs)
+    texts = [tokenizer.decode(r) for r in responses]
+    metrics = {"kl": kl}
+    if task is not None:
+        graded = grade(task, texts, examples, [e.prompt for e in examples])
+        samples = [{"step": step, **s} for s in graded]
+        samples, (total, n) = gather(samples, [sum(s["score"] for s in graded), float(len(graded))],
+                                     kl_kwargs["groups"])
+        metrics["accuracy"] = float(total / max(n, 1))
+    else:
+        samples = [{"step": step, "index": e.index, "prompt": e.prompt, "response": t} for e, t in zip(examples, texts)]
+        samples, _ = gather(samples, [], kl_kwargs["groups"])
+    return metrics, samples

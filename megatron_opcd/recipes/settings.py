@@ -68,7 +68,7 @@ SETTINGS: dict[str, Setting] = {
     "opcd_qwen2_5_7b_safety": Setting("opcd_qwen2.5-7b_safety_1n8g_tp2pp1", _system_prompt("qwen2.5-7b", "safety")),
     "opcd_qwen2_5_3b_medical": Setting("opcd_qwen2.5-3b_medical_1n8g_tp1pp1", _system_prompt("qwen2.5-3b", "medical")),
     "opcd_qwen2_5_3b_safety": Setting("opcd_qwen2.5-3b_safety_1n8g_tp1pp1", _system_prompt("qwen2.5-3b", "safety")),
-    # Text games (megatron_opcd/envs, GameTrainer): multi-turn episodes.
+    # Text games (megatron_opcd/envs, training/games.py GameSource): multi-turn episodes.
     "opcd_qwen3_1_7b_frozenlake": Setting("opcd_qwen3-1.7b_frozenlake_1n8g_tp1pp1", _game("qwen3-1.7b", "frozenlake")),
     "opcd_qwen3_4b_instruct_sokoban": Setting("opcd_qwen3-4b-instruct_sokoban_1n8g_tp1pp1",
                                               _game("qwen3-4b-instruct", "sokoban")),

@@ -393,7 +393,7 @@ class TrainConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     game: Optional[GameConfig] = None
-    """Set: train on a text game (training.games.GameTrainer); data.train/data.eval are level files."""
+    """Set: train on a text game (the Trainer's training.games.GameSource); data.train/data.eval are level files."""
 
     def __post_init__(self):
         if not self.data.train:

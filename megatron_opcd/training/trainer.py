@@ -2,13 +2,19 @@
 
 One step, as named phases (each a method you can call alone):
 
-    batch    = trainer.select_batch(step)           prompts of this DP rank + their contexts
+    batch    = trainer.select_batch(step)           examples of this DP rank + their contexts
     rollout  = trainer.rollout(batch, step)          (a) student samples (opcd) / teacher samples (baselines)
     teacher  = trainer.score_teacher(rollout)        (b) teacher logits with the context, one scoring per
                                                       micro-batch, the rendered context prefilled once
     result   = trainer.update(rollout, teacher)      (c)+(d) student forward/backward through megatron's
                                                       schedule, the injected objective, clip, optimizer step
-    trainer.log(step, result)                        (e) loss, KL, lengths, tokens/s, seconds per phase
+    trainer.train_step() runs the four and adds      (e) loss, KL, lengths, tokens/s, seconds per phase to
+                                                      result.metrics; train() logs them (trainer.logger.log)
+
+What is rolled out comes from a source chosen from the config (training/sources.py): prompts
+(`PromptSource`), or text games with a `game:` section (`GameSource`, training/games.py). The
+source selects, rolls out and builds the teacher's and the student's views; the loop,
+micro-batching, device placement, teacher scoring, skipping, checkpoints and signals are here, once.
 
 Teacher logits live for one micro-batch at PP = 1: `score_teacher` hands back one deferred scoring
 per micro-batch, run inside the schedule's forward step, so only the current micro-batch's
@@ -37,10 +43,10 @@ from megatron_opcd.checkpointing import (  # noqa: F401 - check_matches_checkpoi
     unwrap,
 )
 from megatron_opcd.config import ModelConfig
-from megatron_opcd.data.packing import gather_response, pack
+from megatron_opcd.data.packing import gather_response
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream
-from megatron_opcd.data.render import common_prefix, shared_prefix
 from megatron_opcd.errors import ConfigError, NonFiniteError
+from megatron_opcd.generation.prefix import TeacherPrefix
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups, dp_share
@@ -53,34 +59,14 @@ from megatron_opcd.training.engine import (
     wrap_ddp,
     zero_grads,
 )
+from megatron_opcd.training.games import GameSource
 from megatron_opcd.training.metrics import MetricsLogger
 from megatron_opcd.training.objectives import MicroBatch, build_objective
 from megatron_opcd.training.optimizer import build_optimizer
 from megatron_opcd.training.preempt import Preemption, StepAbandoned, signal_name
 from megatron_opcd.training.preflight import preflight
+from megatron_opcd.training.sources import PromptSource, Rollout, RolloutSource
 from megatron_opcd.training import state as ckpt_state
-
-
-@dataclass
-class Batch:
-    examples: list[Example]
-    contexts: list[Optional[str]]
-    student_prompts: list[list[int]]
-    teacher_prompts: list[list[int]]
-
-
-@dataclass
-class Rollout:
-    batch: Batch
-    responses: list[list[int]]
-    logprobs: list[list[float]]
-    seconds: float
-    new_tokens: int
-
-    def pack(self, rows: slice, *, pad_id: int, pad_to_multiple: int = 1):
-        """The student's [prompt; response] rows of one micro-batch, on the host."""
-        return pack(self.batch.student_prompts[rows], self.responses[rows], pad_id=pad_id,
-                    pad_to_multiple=pad_to_multiple)
 
 
 TeacherLogits = Callable[[], Optional[torch.Tensor]]
@@ -106,14 +92,10 @@ class StepResult:
 
 
 class Trainer:
-    PREFIX_CACHE_ENTRIES = 4
-    """Teacher context caches kept at once (each: the context's keys/values on every layer)."""
-
     def __init__(self, cfg: TrainConfig, groups: ParallelGroups, *, log_dir: Optional[str] = None):
         self.cfg = cfg
         self.groups = groups
-        self._prefix_caches: dict = {}
-        self._context_prefixes: dict = {}
+        self.last_rollout: Optional[Rollout] = None  # the latest step's (its episodes, for games)
         self._teacher_seconds = 0.0
         self.rank = dist.get_rank()
         self.step = 0
@@ -152,6 +134,9 @@ class Trainer:
         self.contexts = checked.contexts
         self.sampler = ContextSampler(self.contexts, cfg.context.selection, cfg.data.seed)
         self.renderer = checked.renderer
+        # The teacher's shared prefixes: frozen, a context's cache lasts the run; `teacher: self`
+        # clears them after every optimizer step (update()).
+        self.prefixes = TeacherPrefix(self.renderer, groups=groups)
         self.stream = PromptStream(checked.examples, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
         self.eval_examples = checked.eval_examples
         self.eval_task = checked.task
@@ -170,6 +155,7 @@ class Trainer:
         )
         if resume_from is not None:
             self.logger.info(f"[megatron-opcd] resumed from {resume_from} at step {self.step}")
+        self.source: RolloutSource = GameSource(self) if cfg.game is not None else PromptSource(self)
 
     # ------------------------------------------------------------------------------------------
     # set-up helpers
@@ -220,43 +206,11 @@ class Trainer:
     def student(self):
         return unwrap(self.ddp)
 
-    def teacher_prefix(self, prefix: list[int]):
-        """The teacher's KV cache of a shared context prefix, prefilled once and reused.
-
-        A frozen teacher's cache stays valid for the whole run (a few contexts are kept: a fixed
-        context, or the most recent ones of a pool); `teacher: self` changes with every update, so
-        its cache lives for one step (`train_step` clears it)."""
-        from megatron_opcd.generation import prefill_prefix
-
-        if not prefix:
-            return None
-        key = tuple(prefix)
-        cache = self._prefix_caches.get(key)
-        if cache is None:
-            cache = prefill_prefix(self.teacher_model, list(prefix), groups=self.groups)
-            while len(self._prefix_caches) >= self.PREFIX_CACHE_ENTRIES:
-                self._prefix_caches.pop(next(iter(self._prefix_caches)))  # oldest first
-            self._prefix_caches[key] = cache
-        return cache
-
-    def teacher_prefix_for(self, prompts: list[list[int]], contexts: list[Optional[str]]) -> list[int]:
-        """The prefix of these teacher rows that is prefilled once and reused: the rendered context
-        (the template's tokens up to the end of the context, known before any batch), so a fixed
-        context is prefilled once per run for a frozen teacher whatever the micro-batch size (the
-        rows' common prefix is a whole prompt at micro-batch size 1, a new cache entry each time).
-        Rows with different contexts share only their common prefix."""
-        if len(set(contexts)) == 1 and contexts[0] is not None:
-            ctx = contexts[0]
-            if ctx not in self._context_prefixes:
-                self._context_prefixes[ctx] = self.renderer.context_prefix(ctx)
-            return shared_prefix(self._context_prefixes[ctx], prompts)
-        return common_prefix(prompts)
-
     @property
     def teacher_model(self):
         return self.teacher if self.teacher is not None else self.student
 
-    def _sampling(self, step: int, *, greedy: Optional[bool] = None, max_new_tokens: Optional[int] = None,
+    def sampling(self, step: int, *, greedy: Optional[bool] = None, max_new_tokens: Optional[int] = None,
                   salt: int = 0):
         return self.cfg.generation.build(
             eos_ids=self.tokenizer.eos_ids, max_new_tokens=max_new_tokens, greedy=greedy,
@@ -274,36 +228,22 @@ class Trainer:
         mine = global_examples[dp_share(s.global_batch_size, self.groups.dp_rank, self.groups.dp_size)]
         return [e for e in mine for _ in range(s.samples_per_prompt)]
 
-    def select_batch(self, step: int) -> Batch:
+    def select_batch(self, step: int):
+        """This DP rank's examples (prompts or level lines: one stream, one checkpointed position)
+        and their contexts, as the source's batch."""
         mine = self.examples_for_step()
-        contexts = self.sampler.for_batch(mine, step)
-        pairs = [self.renderer.pair(e.prompt, c) for e, c in zip(mine, contexts)]
-        return Batch(mine, contexts, [p.student for p in pairs], [p.teacher for p in pairs])
+        return self.source.select(mine, self.sampler.for_batch(mine, step))
 
-    def rollout(self, batch: Batch, step: int) -> Rollout:
-        """(a) opcd: the student samples from prompts without the context. Baselines: the teacher
-        samples with the context (one prefill of the shared context prefix)."""
-        from megatron_opcd.generation import generate
-
-        t0 = time.perf_counter()
-        if self.cfg.algorithm.name == "opcd":
-            out = generate(self.student, batch.student_prompts, self._sampling(step), groups=self.groups,
-                           vocab_size=self.model_config.vocab_size, decode=self.tokenizer.decode,
-                           between_steps=self.preempt.decode_check)
-        else:
-            prefix = self.teacher_prefix_for(batch.teacher_prompts, batch.contexts)
-            out = generate(self.teacher_model, [p[len(prefix):] for p in batch.teacher_prompts], self._sampling(step),
-                           groups=self.groups, vocab_size=self.model_config.vocab_size,
-                           prefix=self.teacher_prefix(prefix), decode=self.tokenizer.decode,
-                           between_steps=self.preempt.decode_check)
-        responses = [list(r) if r else [self.tokenizer.eos_ids[0]] for r in out.responses]
-        return Rollout(batch, responses, out.logprobs, time.perf_counter() - t0, sum(len(r) for r in responses))
+    def rollout(self, batch, step: int) -> Rollout:
+        """(a) the source's rollout: the student plays without the context (opcd), the teacher with
+        it (baselines)."""
+        return self.source.rollout(batch, step)
 
     def _micro_slices(self, n: int) -> list[slice]:
         m = n // self.num_micro
         return [slice(i * m, (i + 1) * m) for i in range(self.num_micro)]
 
-    def score_teacher(self, rollout) -> list[TeacherLogits]:
+    def score_teacher(self, rollout: Rollout) -> list[TeacherLogits]:
         """(b) the teacher's logits on [context; prompt; response], aligned to the responses, one
         entry per micro-batch. At PP = 1 each entry scores its micro-batch when called, inside the
         schedule's forward step (one micro-batch's logits at a time); at PP > 1 the teacher's
@@ -320,7 +260,7 @@ class Trainer:
             held.append(self._timed_score(rollout, sl))
         return [lambda t=t: t for t in held]
 
-    def _timed_score(self, rollout, rows: slice) -> Optional[torch.Tensor]:
+    def _timed_score(self, rollout: Rollout, rows: slice) -> Optional[torch.Tensor]:
         t = time.perf_counter()
         try:
             return self.score_micro_batch(rollout, rows)
@@ -328,23 +268,25 @@ class Trainer:
             self._teacher_seconds += time.perf_counter() - t
 
     def score_micro_batch(self, rollout: Rollout, rows: slice) -> Optional[torch.Tensor]:
-        """The teacher's aligned logits `[R, b, v/tp]` of one micro-batch (last stage; else None)."""
+        """The teacher's aligned logits `[R, b, v/tp]` of one micro-batch (last stage; else None):
+        its view of the rows (the rollout's), the shared prefix prefilled once (`self.prefixes`)."""
         from megatron_opcd.generation import score
 
-        prompts = rollout.batch.teacher_prompts[rows]
-        prefix = self.teacher_prefix_for(prompts, rollout.batch.contexts[rows])
-        res = score(self.teacher_model, [p[len(prefix):] for p in prompts], rollout.responses[rows],
-                    groups=self.groups, prefix=self.teacher_prefix(prefix),
+        view = rollout.teacher_rows(rows)
+        prefix = self.prefixes.tokens(view.starts, view.contexts)
+        res = score(self.teacher_model, **view.without_prefix(len(prefix)), groups=self.groups,
+                    prefix=self.prefixes.cache(self.teacher_model, prefix),
                     vocab_size=self.model_config.vocab_size, pad_id=self.tokenizer.pad_id)
         return res.logits
 
-    def _micro_batches(self, rollout, teacher_logits: list[TeacherLogits]) -> list[PendingMicroBatch]:
-        """The one micro-batch path of every trainer: the rollout packs each micro-batch's rows on
-        the host (`rollout.pack`), and this is the one place they move to the model's device."""
+    def _micro_batches(self, rollout: Rollout, teacher_logits: list[TeacherLogits]) -> list[PendingMicroBatch]:
+        """The one micro-batch path of every source: the rollout packs each micro-batch's rows on
+        the host (`rollout.student_rows`), and this is the one place they move to the model's device."""
         multiple = self.groups.tp_size if self.groups.sequence_parallel else 1
         device = next(self.student.parameters()).device
+        pad = self.tokenizer.pad_id
         return [
-            PendingMicroBatch(rollout.pack(sl, pad_id=self.tokenizer.pad_id, pad_to_multiple=multiple).to(device), t)
+            PendingMicroBatch(rollout.student_rows(sl, pad_id=pad, pad_to_multiple=multiple).to(device), t)
             for sl, t in zip(self._micro_slices(len(rollout.responses)), teacher_logits)
         ]
 
@@ -381,6 +323,8 @@ class Trainer:
         if not finite:
             return self._skip(result, "non-finite loss or gradients")
         ok, grad_norm, _ = self.optimizer.step()
+        if self.teacher is None:
+            self.prefixes.clear()  # teacher: self -- the step changed its weights, its cached prefixes are stale
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
             return self._skip(result, f"optimizer refused the step (grad norm {grad_norm})")
         self.scheduler.step(increment=1)
@@ -435,14 +379,12 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         step = self.step + 1
-        if self.teacher is None:
-            self._prefix_caches.clear()  # teacher: self -- last step's weights are gone
         times = {}
         t = time.perf_counter()
         self.preempt.step = step
         batch = self.select_batch(step)
         times["select"] = time.perf_counter() - t
-        rollout = self.rollout(batch, step)
+        rollout = self.last_rollout = self.rollout(batch, step)
         self.preempt.drain()  # the DP replicas finish decoding at different steps
         times["rollout"] = rollout.seconds
         self._teacher_seconds = 0.0
@@ -466,6 +408,7 @@ class Trainer:
         })
         if "reverse_kl" in result.metrics or "forward_kl" in result.metrics or "jsd" in result.metrics:
             result.metrics["kl"] = result.metrics.get(self.cfg.loss_kind, float("nan"))
+        result.metrics.update(self.source.metrics(rollout))
         return result
 
     def save(self) -> Optional[Path]:
@@ -482,9 +425,14 @@ class Trainer:
         return path
 
     def evaluate(self, step: int) -> dict:
-        from megatron_opcd.training.evaluate import evaluate
-
-        metrics, samples = evaluate(self, step)
+        """The source's evaluation (prompts: held-out KL, the task's accuracy, samples appended to
+        eval_samples.jsonl; games: success rates), the student in eval mode meanwhile."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            metrics, samples = self.source.evaluate(step)
+        finally:
+            self.student.train(was_training)
         self.logger.log(step, metrics, prefix="eval")
         self.logger.samples(samples)
         return metrics

@@ -34,7 +34,6 @@ class ParallelGroups:
     dp_rank: int
     dp_size: int
     sequence_parallel: bool
-    pp_first_global_rank: int
     pp_last_global_rank: int
     pg_collection: object = None
     """megatron.core.process_groups_config.ProcessGroupCollection of the same groups."""
@@ -178,7 +177,6 @@ def _collect(parallel: ParallelConfig) -> ParallelGroups:
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         sequence_parallel=parallel.sequence_parallel,
-        pp_first_global_rank=ps.get_pipeline_model_parallel_first_rank(),
         pp_last_global_rank=ps.get_pipeline_model_parallel_last_rank(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
@@ -205,11 +203,4 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _GROUPS = None
-
-
-def get_forward_backward_func():
-    """megatron-core's pipeline schedule for the current layout (no pipelining when PP = 1)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func as _get
-
-    return _get()
 

@@ -137,8 +137,6 @@ def build_model(
     _norms_in_model_dtype(model, config.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
-    model.opcd_config = model_config  # what the model was built from (checkpoints and tools read it)
-    model.opcd_role = role
     if init:
         layout_invariant_init_(
             model,
@@ -184,7 +182,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    model.opcd_frozen = True
     return model
 
 

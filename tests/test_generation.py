@@ -8,6 +8,8 @@ Plus pure-function tests of the sampling filters.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -158,12 +160,46 @@ def test_cpu_decode_kernel_off_says_why(tmp_path):
     assert "(False, 'disabled by OPCD_CPU_KERNEL=0')" in out.stdout
     assert ("CPU kernels not used (disabled by OPCD_CPU_KERNEL=0); decoding uses torch matmuls and the loss "
             "torch.topk") in out.stderr
-    env = {**os.environ, "OPCD_CPU_KERNEL": "1", "CC": str(tmp_path / "no-such-compiler"),
+    env = {**os.environ, "OPCD_CPU_KERNEL": "1", "CXX": str(tmp_path / "no-such-compiler"),
            "OPCD_CACHE_DIR": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     if "no AVX2" not in out.stdout:  # on an AVX2 machine the build itself fails, with the reason
         assert "did not build or load" in out.stdout and "no-such-compiler" in out.stdout
+
+
+def test_cpu_decode_kernel_ops_check_their_arguments():
+    """The custom ops refuse, with a message naming the argument, every input their loops would
+    read wrongly: another dtype, a 1-D or 3-D tensor, rows with a stride, a strided weight,
+    mismatched K, too many rows, k out of range, a tensor that requires grad."""
+    from megatron_opcd import native
+
+    ok, why = native.native_status()
+    if not ok:
+        pytest.skip(f"CPU kernels unavailable here: {why}")
+    op_lin, op_topk = torch.ops.opcd.linear_rows, torch.ops.opcd.topk_rows
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    bad_linear = [
+        ((x.double(), w), "x must be float32"),
+        ((x, w.half()), "weight must be float32"),
+        ((x[0], w), "x must be 2-D"),
+        ((x[None], w), "x must be 2-D"),
+        ((torch.randn(16, 4).T, w), "x's rows must be contiguous"),
+        ((x, torch.randn(32, 16)[::2]), "weight must be a contiguous [N, K]"),
+        ((x, torch.randn(8, 15)), "the same K"),
+        ((torch.randn(9, 16), w), "1 to 8 rows"),
+        ((torch.randn(0, 16), w), "1 to 8 rows"),
+        ((x.clone().requires_grad_(), w), "forward-only"),
+    ]
+    for args, message in bad_linear:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op_lin(*args)
+    with torch.no_grad():  # grad mode off: an input that requires grad is fine
+        assert torch.allclose(op_lin(x.clone().requires_grad_(), w), x @ w.T, atol=1e-5)
+    for args, message in [((torch.randn(3, 10), 0), "k must be in [1, 10]"), ((torch.randn(3, 10), 11), "k must be"),
+                          ((torch.randn(3, 10).long(), 2), "x must be float32"), ((torch.randn(10), 2), "2-D")]:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op_topk(*args)
 
 
 def test_cpu_decode_kernel_is_never_loaded_from_a_folder_others_can_write(tmp_path):

@@ -3,7 +3,9 @@
 `initialize()` starts torch.distributed (NCCL with CUDA, gloo without), megatron's parallel state
 for TP / PP / DP (and sequence parallelism, which is a model option), seeds the model-parallel
 RNG states, and returns a `ParallelGroups`: the explicit process groups and ranks that the rest
-of the code takes as arguments (STYLE habit 1). `destroy()` tears it all down.
+of the code takes as arguments (STYLE habit 1). `destroy()` tears it all down. On a host without
+CUDA the caller opts into CPU mode first (`megatron_opcd.compat.enable_cpu()`); `initialize` says
+so if it did not.
 """
 
 from __future__ import annotations
@@ -67,10 +69,13 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
     global _GROUPS
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_opcd.compat import apply_cpu_patches
+    from megatron_opcd.compat import cpu
 
     parallel = parallel or ParallelConfig()
-    apply_cpu_patches()  # no-op with CUDA
+    if not torch.cuda.is_available() and not cpu.is_applied():
+        raise RuntimeError("this host has no CUDA and CPU mode is off: call megatron_opcd.compat.enable_cpu() once "
+                           "before megatron_opcd.parallel.initialize() (the CLIs, the launcher's ranks and the "
+                           "tests do)")
     device = local_gpu()  # before any collective: a rank without a GPU says so instead of hanging its peers
     if not dist.is_initialized():
         _init_process_group(parallel)

@@ -32,6 +32,39 @@ def test_compat_patches_still_apply():
         assert patch.targets and all(t.startswith("megatron.core.") for t in patch.targets), patch.name
 
 
+def test_cpu_mode_is_an_explicit_opt_in():
+    """Importing the entry points enables nothing (no patch, no TorchFunctionMode); on a host
+    without CUDA `parallel.initialize` refuses until `compat.enable_cpu()` is called, then starts."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode is for hosts without CUDA")
+    code = "\n".join([
+        "import torch",
+        "import megatron_opcd.train, megatron_opcd.generate, megatron_opcd.evaluate, megatron_opcd.launcher",
+        "import megatron_opcd.generation, megatron_opcd.models, megatron_opcd.convert",
+        "from megatron_opcd import parallel",
+        "from megatron_opcd.compat import cpu, enable_cpu",
+        "print('after import:', cpu.is_applied(), torch._C._len_torch_function_stack())",
+        "try:",
+        "    parallel.initialize()",
+        "except RuntimeError as exc:",
+        "    print('refused:', exc)",
+        "print('enabled:', enable_cpu(), torch._C._len_torch_function_stack())",
+        "parallel.initialize()",
+        "print('started')",
+        "parallel.destroy()",
+    ])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after import: False 0" in out.stdout
+    assert "refused: this host has no CUDA and CPU mode is off: call megatron_opcd.compat.enable_cpu()" in out.stdout
+    assert "enabled: True 1" in out.stdout and "started" in out.stdout
+
+
 def test_compat_version_range_is_setup_py_and_the_makefile():
     """One range: setup.py's requirement is compat/cpu.py's SUPPORTED, and CI's two environments
     (the Makefile's MCORE_311/MCORE_312) are compat/cpu.py's TESTED releases, the range's ends."""

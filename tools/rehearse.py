@@ -197,6 +197,9 @@ def _write_checkpoints(ckpt_root: str, tokenizer: str, todo_json: str) -> list:
     from megatron_opcd.config import ModelConfig
     from megatron_opcd.models import build_model
 
+    from megatron_opcd.compat import enable_cpu
+
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize()
     done = []
     for i, (name, fields) in enumerate(json.loads(todo_json).items()):

@@ -93,6 +93,8 @@ def test_architecture_options_through_the_kernels(single, variant):
 def test_megatron_modules_restored_after_generation(single):
     assert single["modules_after"] == ["DotProductAttention", "ColumnParallelLinear", "RowParallelLinear",
                                        "ColumnParallelLinear"]
+    assert single["same_modules"]  # no module swapped: the model was built with its kernels
+    assert single["stock_forward"] == [True] * 4  # detached: megatron's forward, no weight copies kept
 
 
 def test_cpu_decode_kernel_used_and_equal_to_torch_matmuls(single):
@@ -223,7 +225,7 @@ def test_cpu_decode_kernel_is_never_loaded_from_a_folder_others_can_write(tmp_pa
 def test_rotation_matches_megatron():
     """kernels._rotate (applied once, when a key enters the cache) = megatron's apply_rotary_pos_emb,
     for half-split and interleaved channel pairs and for partial rotary dims, per-row angles."""
-    from megatron_opcd.generation.kernels import _rotate  # first: megatron_opcd quiets megatron's import warnings
+    from megatron_opcd.models.kernels import _rotate  # first: megatron_opcd quiets megatron's import warnings
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd  # noqa: I001
 
     gen = torch.Generator().manual_seed(0)
@@ -245,7 +247,7 @@ def test_cascade_attention_equals_one_softmax_over_all_keys():
 
     import torch.nn.functional as F
 
-    from megatron_opcd.generation.kernels import _attention_with_lse_matmul, attention_with_lse, cascade_attention
+    from megatron_opcd.models.kernels import _attention_with_lse_matmul, attention_with_lse, cascade_attention
 
     gen = torch.Generator().manual_seed(0)
     b, g, L, d, P, S = 3, 2, 5, 8, 11, 7
@@ -290,7 +292,7 @@ def test_shared_prefix_cache_keeps_one_copy_and_refuses_a_masked_prefix():
 def test_unsupported_attention_is_refused_in_one_line():
     from types import SimpleNamespace
 
-    from megatron_opcd.generation.kernels import check_supported
+    from megatron_opcd.models.kernels import check_supported
 
     with pytest.raises(NotImplementedError, match="sliding-window"):
         check_supported(SimpleNamespace(window_size=(128, 0), softmax_type="vanilla"))

@@ -168,6 +168,40 @@ def test_teacher_is_frozen_and_student_trains(groups):
     assert all(p.grad is not None for p in student.parameters())
 
 
+def test_generation_kernels_are_built_in(groups):
+    """A built model already has the generation kernels as its leaves (nothing is swapped in at
+    run time), subclasses of megatron's own classes that add no state: the state dict is the one
+    of a GPTModel built from megatron's stock local spec, key for key, and so are its outputs."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_opcd.compat import mcore
+    from megatron_opcd.models import build_model, transformer_config
+    from megatron_opcd.models.kernels import ForwardOnlyLinear, KVCacheAttention
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=128,
+                      tie_embeddings=False)
+    model = build_model(cfg, "student", groups=groups, seed=5).eval()
+    column, row = mcore.local_linear_classes()
+    attn, mlp = model.decoder.layers[0].self_attention, model.decoder.layers[0].mlp
+    assert type(attn.core_attention).__bases__ == (KVCacheAttention, DotProductAttention)
+    for leaf, base in ((attn.linear_qkv, column), (attn.linear_proj, row), (mlp.linear_fc1, column),
+                       (mlp.linear_fc2, row), (model.output_layer, column)):
+        assert type(leaf).__bases__ == (ForwardOnlyLinear, base)
+    stock = GPTModel(config=transformer_config(cfg, groups), transformer_layer_spec=get_gpt_layer_local_spec(),
+                     vocab_size=cfg.padded_vocab_size(1), max_sequence_length=cfg.max_position_embeddings,
+                     share_embeddings_and_output_weights=False, position_embedding_type="rope",
+                     pg_collection=groups.pg_collection).eval()
+    assert list(stock.state_dict()) == list(model.state_dict())
+    stock.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)[None, None]
+    with torch.no_grad():
+        pos = torch.arange(6)[None].expand(2, 6)
+        assert torch.equal(model(ids, pos, mask), stock(ids, pos, mask))  # megatron's forward, bit for bit
+
+
 def test_vocabulary_must_match(groups):
     from megatron_opcd.models import build_models
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from megatron_opcd.config import ConfigError, ModelConfig, ParallelConfig, check_runtime
 from megatron_opcd.models.sharding import layout_invariant_init_
+from megatron_opcd.models.kernels import install_output_layer
 from megatron_opcd.models.spec import fp8_kwargs, layer_spec
 from megatron_opcd.parallel import ParallelGroups
 
@@ -133,6 +134,7 @@ def build_model(
         rope_scaling_factor=model_config.rope_scaling_factor,
         pg_collection=groups.pg_collection,
     )
+    install_output_layer(model)  # GPTModel builds it itself: the spec cannot name its class
     _apply_rope_scaling_details(model, model_config)
     _norms_in_model_dtype(model, config.params_dtype)
     if torch.cuda.is_available():

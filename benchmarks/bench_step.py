@@ -354,10 +354,9 @@ def main(argv=None):
 
 def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     from megatron_opcd import parallel
+    from megatron_opcd.compat import enable_cpu
     from megatron_opcd.config import to_dict
     from megatron_opcd.convert import model_config_from_hf
-
-    from megatron_opcd.compat import enable_cpu
 
     enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize()

@@ -117,7 +117,7 @@ def forward_stage(
     b, s = tokens.shape
     cfg = module.config
     rotary = rope(position_ids)  # [s, b, 1, rot_dim] angles, or None
-    if cache is not None:  # what every CachedCoreAttention of this forward shares, computed once
+    if cache is not None:  # what every KVCacheAttention of this forward shares, computed once
         heads_per_group = cfg.num_attention_heads // (cfg.num_query_groups or cfg.num_attention_heads)
         cache.set_inputs(attention_mask, rotary, heads_per_group, cfg.params_dtype)
         rotary = None  # the cache's attention rotates; megatron's layers must not rotate again

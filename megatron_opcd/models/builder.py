@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_opcd.config import ConfigError, ModelConfig, ParallelConfig, check_runtime
-from megatron_opcd.models.sharding import layout_invariant_init_
 from megatron_opcd.models.kernels import install_output_layer
+from megatron_opcd.models.sharding import layout_invariant_init_
 from megatron_opcd.models.spec import fp8_kwargs, layer_spec
 from megatron_opcd.parallel import ParallelGroups
 

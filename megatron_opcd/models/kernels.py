@@ -180,12 +180,13 @@ class ForwardOnlyLinear:
             self._copy = (weight, weight.detach().t().contiguous())
         return torch.matmul(x, self._copy[1])
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         if self.forward_only is None:
-            return super().forward(x, *args, **kwargs)
-        return self._forward_only(x, *args, **kwargs)
+            return super().forward(*args, **kwargs)
+        return self._forward_only(*args, **kwargs)
 
-    def _forward_only(self, x, weight=None, runtime_gather_output=None):
+    def _forward_only(self, input_, weight=None, runtime_gather_output=None):  # megatron's parameter names
+        x = input_
         # skip_bias_add: megatron returns the bias for the caller to add (fused with dropout/residual).
         bias, out_bias = (None, self.bias) if self.skip_bias_add else (self.bias, None)
         tp = self.tp_group.size()  # megatron's mappings are no-ops at 1, but cost an autograd Function call
@@ -208,7 +209,7 @@ class ForwardOnlyLinear:
 @functools.lru_cache(maxsize=None)
 def _subclass(mixin: type, base: type, prefix: str, **attrs) -> type:
     """`class <prefix><Base>(mixin, base)`, made once per pair: every model built in the process
-    gets the same class (one type for isinstance; pickled copies resolve it)."""
+    gets the same class (one type for isinstance)."""
     name = prefix + base.__name__
     return type(name, (mixin, base), dict(attrs, __module__=__name__, __qualname__=name))
 
@@ -248,7 +249,7 @@ def install_output_layer(model) -> None:
 
 
 def check_supported(config) -> None:
-    """Refuse, in one line, the attention variants `CachedCoreAttention` does not implement."""
+    """Refuse, in one line, the attention variants `KVCacheAttention` does not implement."""
     if getattr(config, "window_size", None) is not None:
         raise NotImplementedError("sliding-window attention (config.window_size) is not supported by the "
                                   "generation KV cache")

@@ -62,7 +62,7 @@ test-311: $(STAMP)
 # second time under another CPU dispatch, so a tolerance that holds only for this machine's
 # floating-point order fails here rather than on the next x86 CPU: torch's kernels one ISA lower
 # (AVX-512 -> AVX2, AVX2 -> the default build), MKL and oneDNN capped alike, the project's own
-# CPU kernels off (megatron_opcd/native.py; their tests are in the first pass).
+# CPU kernels off (megatron_opcd/csrc, built by native.py; their tests are in the first pass).
 DISPATCH_TESTS := tests/test_losses.py tests/test_generation.py tests/test_packing.py
 DISPATCH_SELECT := not benchmark and not cpu_decode_kernel and not cli and not layouts
 test-dispatch: $(STAMP)

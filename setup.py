@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "PyYAML",
     # logging.tensorboard defaults to true: the trainer writes TensorBoard events (~55 MB installed).
     "tensorboard",
+    # torch.utils.cpp_extension builds the CPU kernels (megatron_opcd/csrc) with ninja on first use.
+    "ninja",
 ]
 
 EXTRAS = {
@@ -57,7 +59,7 @@ setup(
         "Operating System :: POSIX :: Linux",
     ],
     packages=find_packages(include=["megatron_opcd", "megatron_opcd.*"]),
-    package_data={"megatron_opcd": ["prompts/*.txt", "demo/*.txt", "demo/*.jsonl"]},
+    package_data={"megatron_opcd": ["prompts/*.txt", "demo/*.txt", "demo/*.jsonl", "csrc/*.cpp"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["opcd-train=megatron_opcd.train:main", "opcd-generate=megatron_opcd.generate:main",

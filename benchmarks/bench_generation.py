@@ -148,7 +148,9 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     from megatron_opcd import parallel
+    from megatron_opcd.compat import enable_cpu
 
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize()
     hf = build_hf(args)
     model, cfg = build_megatron(hf, groups)

@@ -355,9 +355,11 @@ def main(argv=None):
 
 def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:
     from megatron_opcd import parallel
+    from megatron_opcd.compat import enable_cpu
     from megatron_opcd.config import to_dict
     from megatron_opcd.convert import model_config_from_hf
 
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize()
     student_hf, teacher_hf = build_hf(args, args.seed + 1), build_hf(args, args.seed + 2)
     model_dict = to_dict(model_config_from_hf(student_hf.config))

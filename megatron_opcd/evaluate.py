@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> dict:
     for e in examples:  # a prompt (or context) that does not fit is an error here, not after loading
         renderer.pair(task.format_prompt(e), context) if context else renderer.student(task.format_prompt(e))
 
+    from megatron_opcd.compat import enable_cpu
+
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp))
     try:
         model = build_model(cfg, "teacher", groups=groups, init=False)  # frozen, eval

@@ -232,6 +232,9 @@ def run(args: argparse.Namespace) -> None:
             f"max_position_embeddings={cfg.max_position_embeddings}; lower --max-new-tokens or shorten the inputs"
         )
 
+    from megatron_opcd.compat import enable_cpu
+
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp))
     model = build_model(cfg, "teacher", groups=groups, init=False)  # frozen, eval: nothing here trains
     load_model_weights(model, ckpt)

@@ -65,6 +65,9 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, threads, timeout, resul
     import torch
 
     torch.set_num_threads(threads)
+    from megatron_opcd.compat import enable_cpu
+
+    enable_cpu()  # a rank on a host without CUDA runs megatron-core in CPU mode (a no-op with CUDA)
     # A hang prints every thread's stack shortly before the parent kills the group.
     faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=True)
     try:

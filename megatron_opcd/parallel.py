@@ -3,7 +3,9 @@
 `initialize()` starts torch.distributed (NCCL with CUDA, gloo without), megatron's parallel state
 for TP / PP / DP (and sequence parallelism, which is a model option), seeds the model-parallel
 RNG states, and returns a `ParallelGroups`: the explicit process groups and ranks that the rest
-of the code takes as arguments (STYLE habit 1). `destroy()` tears it all down.
+of the code takes as arguments (STYLE habit 1). `destroy()` tears it all down. On a host without
+CUDA the caller opts into CPU mode first (`megatron_opcd.compat.enable_cpu()`); `initialize` says
+so if it did not.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ class ParallelGroups:
     dp_rank: int
     dp_size: int
     sequence_parallel: bool
-    pp_first_global_rank: int
     pp_last_global_rank: int
     pg_collection: object = None
     """megatron.core.process_groups_config.ProcessGroupCollection of the same groups."""
@@ -69,10 +70,13 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
     global _GROUPS
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_opcd.compat import apply_cpu_patches
+    from megatron_opcd.compat import cpu
 
     parallel = parallel or ParallelConfig()
-    apply_cpu_patches()  # no-op with CUDA
+    if not torch.cuda.is_available() and not cpu.is_applied():
+        raise RuntimeError("this host has no CUDA and CPU mode is off: call megatron_opcd.compat.enable_cpu() once "
+                           "before megatron_opcd.parallel.initialize() (the CLIs, the launcher's ranks and the "
+                           "tests do)")
     device = local_gpu()  # before any collective: a rank without a GPU says so instead of hanging its peers
     if not dist.is_initialized():
         _init_process_group(parallel)
@@ -179,7 +183,6 @@ def _collect(parallel: ParallelConfig) -> ParallelGroups:
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         sequence_parallel=parallel.sequence_parallel,
-        pp_first_global_rank=ps.get_pipeline_model_parallel_first_rank(),
         pp_last_global_rank=ps.get_pipeline_model_parallel_last_rank(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
@@ -214,11 +217,4 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _GROUPS = None
-
-
-def get_forward_backward_func():
-    """megatron-core's pipeline schedule for the current layout (no pipelining when PP = 1)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func as _get
-
-    return _get()
 

@@ -50,12 +50,14 @@ def run(config_path, overrides) -> dict:
     import torch
 
     from megatron_opcd import parallel
+    from megatron_opcd.compat import enable_cpu
     from megatron_opcd.training.config import load_train_config
     from megatron_opcd.training.trainer import Trainer
 
     cfg = load_train_config(config_path, overrides)
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    enable_cpu()  # no CUDA here: megatron-core's CUDA assumptions patched (a no-op with CUDA)
     groups = parallel.initialize(cfg.parallel)
     try:
         # One trainer; a `game:` section makes its rollout source text games (training/games.py).

@@ -203,12 +203,17 @@ def single_process_checks() -> dict:
                     5 + len(p) - 1 : 5 + len(p) - 1 + len(r)]).abs().max())
                 for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)) if r),
         }
-    res["native"] = native_kernel_check(model, groups, v)
-    # generate/score put megatron's own modules back.
     layer = model.decoder.layers[0]
-    res["modules_after"] = [type(m).__name__ for m in (layer.self_attention.core_attention,
-                                                       layer.self_attention.linear_qkv, layer.mlp.linear_fc2,
-                                                       model.output_layer)]
+    leaves = (layer.self_attention.core_attention, layer.self_attention.linear_qkv, layer.mlp.linear_fc2,
+              model.output_layer)
+    res["native"] = native_kernel_check(model, groups, v)
+    # generate/score leave the modules the model was built with, back on megatron's own forward.
+    after = (layer.self_attention.core_attention, layer.self_attention.linear_qkv, layer.mlp.linear_fc2,
+             model.output_layer)
+    res["modules_after"] = [type(m).__mro__[2].__name__ for m in after]  # [subclass, mixin, megatron's class]
+    res["same_modules"] = all(a is b for a, b in zip(leaves, after))
+    res["stock_forward"] = [getattr(m, "kv_cache", None) is None and getattr(m, "forward_only", None) is None
+                            and getattr(m, "_copy", None) is None for m in after]
     return res
 
 

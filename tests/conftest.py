@@ -8,10 +8,15 @@ import pytest
 import torch
 
 import megatron_opcd  # noqa: F401 - installs the warning filters before megatron-core is imported
+from megatron_opcd.compat import enable_cpu
 
 # One torch thread in the test process too: ranks and tests share 2 cores.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# CPU mode for the tests that build models in this process, as every entry point opts in on a
+# host without CUDA (a no-op with CUDA; the launcher's ranks opt in themselves).
+enable_cpu()
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +67,7 @@ MCORE_INDEPENDENT = (
     "test_generation.py::test_cpu_decode_kernel_matches_float64",
     "test_generation.py::test_cpu_decode_kernel_applies_only_where_it_is_right",
     "test_generation.py::test_cpu_decode_kernel_off_says_why",
+    "test_generation.py::test_cpu_decode_kernel_ops_check_their_arguments",
     "test_generation.py::test_cpu_decode_kernel_is_never_loaded_from_a_folder_others_can_write",
     "test_generation.py::test_top_k_and_top_p_filters",
     "test_generation.py::test_draw_categorical_matches_the_distribution",

@@ -8,6 +8,8 @@ Plus pure-function tests of the sampling filters.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -91,6 +93,8 @@ def test_architecture_options_through_the_kernels(single, variant):
 def test_megatron_modules_restored_after_generation(single):
     assert single["modules_after"] == ["DotProductAttention", "ColumnParallelLinear", "RowParallelLinear",
                                        "ColumnParallelLinear"]
+    assert single["same_modules"]  # no module swapped: the model was built with its kernels
+    assert single["stock_forward"] == [True] * 4  # detached: megatron's forward, no weight copies kept
 
 
 def test_cpu_decode_kernel_used_and_equal_to_torch_matmuls(single):
@@ -158,12 +162,46 @@ def test_cpu_decode_kernel_off_says_why(tmp_path):
     assert "(False, 'disabled by OPCD_CPU_KERNEL=0')" in out.stdout
     assert ("CPU kernels not used (disabled by OPCD_CPU_KERNEL=0); decoding uses torch matmuls and the loss "
             "torch.topk") in out.stderr
-    env = {**os.environ, "OPCD_CPU_KERNEL": "1", "CC": str(tmp_path / "no-such-compiler"),
+    env = {**os.environ, "OPCD_CPU_KERNEL": "1", "CXX": str(tmp_path / "no-such-compiler"),
            "OPCD_CACHE_DIR": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     if "no AVX2" not in out.stdout:  # on an AVX2 machine the build itself fails, with the reason
         assert "did not build or load" in out.stdout and "no-such-compiler" in out.stdout
+
+
+def test_cpu_decode_kernel_ops_check_their_arguments():
+    """The custom ops refuse, with a message naming the argument, every input their loops would
+    read wrongly: another dtype, a 1-D or 3-D tensor, rows with a stride, a strided weight,
+    mismatched K, too many rows, k out of range, a tensor that requires grad."""
+    from megatron_opcd import native
+
+    ok, why = native.native_status()
+    if not ok:
+        pytest.skip(f"CPU kernels unavailable here: {why}")
+    op_lin, op_topk = torch.ops.opcd.linear_rows, torch.ops.opcd.topk_rows
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    bad_linear = [
+        ((x.double(), w), "x must be float32"),
+        ((x, w.half()), "weight must be float32"),
+        ((x[0], w), "x must be 2-D"),
+        ((x[None], w), "x must be 2-D"),
+        ((torch.randn(16, 4).T, w), "x's rows must be contiguous"),
+        ((x, torch.randn(32, 16)[::2]), "weight must be a contiguous [N, K]"),
+        ((x, torch.randn(8, 15)), "the same K"),
+        ((torch.randn(9, 16), w), "1 to 8 rows"),
+        ((torch.randn(0, 16), w), "1 to 8 rows"),
+        ((x.clone().requires_grad_(), w), "forward-only"),
+    ]
+    for args, message in bad_linear:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op_lin(*args)
+    with torch.no_grad():  # grad mode off: an input that requires grad is fine
+        assert torch.allclose(op_lin(x.clone().requires_grad_(), w), x @ w.T, atol=1e-5)
+    for args, message in [((torch.randn(3, 10), 0), "k must be in [1, 10]"), ((torch.randn(3, 10), 11), "k must be"),
+                          ((torch.randn(3, 10).long(), 2), "x must be float32"), ((torch.randn(10), 2), "2-D")]:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op_topk(*args)
 
 
 def test_cpu_decode_kernel_is_never_loaded_from_a_folder_others_can_write(tmp_path):
@@ -187,7 +225,7 @@ def test_cpu_decode_kernel_is_never_loaded_from_a_folder_others_can_write(tmp_pa
 def test_rotation_matches_megatron():
     """kernels._rotate (applied once, when a key enters the cache) = megatron's apply_rotary_pos_emb,
     for half-split and interleaved channel pairs and for partial rotary dims, per-row angles."""
-    from megatron_opcd.generation.kernels import _rotate  # first: megatron_opcd quiets megatron's import warnings
+    from megatron_opcd.models.kernels import _rotate  # first: megatron_opcd quiets megatron's import warnings
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd  # noqa: I001
 
     gen = torch.Generator().manual_seed(0)
@@ -209,7 +247,7 @@ def test_cascade_attention_equals_one_softmax_over_all_keys():
 
     import torch.nn.functional as F
 
-    from megatron_opcd.generation.kernels import _attention_with_lse_matmul, attention_with_lse, cascade_attention
+    from megatron_opcd.models.kernels import _attention_with_lse_matmul, attention_with_lse, cascade_attention
 
     gen = torch.Generator().manual_seed(0)
     b, g, L, d, P, S = 3, 2, 5, 8, 11, 7
@@ -254,7 +292,7 @@ def test_shared_prefix_cache_keeps_one_copy_and_refuses_a_masked_prefix():
 def test_unsupported_attention_is_refused_in_one_line():
     from types import SimpleNamespace
 
-    from megatron_opcd.generation.kernels import check_supported
+    from megatron_opcd.models.kernels import check_supported
 
     with pytest.raises(NotImplementedError, match="sliding-window"):
         check_supported(SimpleNamespace(window_size=(128, 0), softmax_type="vanilla"))

@@ -137,12 +137,26 @@ def test_rotary_table(model):
 
 
 def test_layer_anatomy(model):
-    """The leaves generation swaps, and how SelfAttention calls its core attention: recorded on a
-    stock forward, then checked against CachedCoreAttention's signature."""
-    from megatron_opcd.generation.kernels import CachedCoreAttention
+    """The leaves the layer spec names and the model is built with (the generation kernels), and
+    how SelfAttention calls its core attention: recorded on a stock forward, then checked against
+    KVCacheAttention's signature."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    points = list(mcore.layer_swap_points(model))
-    assert len(points) == model.config.num_layers + 1 and points[-1] == (None, [(model, "output_layer")])
+    from megatron_opcd.models.kernels import KVCacheAttention
+
+    column, row = mcore.local_linear_classes()
+    spec, seen = get_gpt_layer_local_spec(), []
+    new = mcore.replace_layer_leaves(spec, attention=lambda c: seen.append(c) or KVCacheAttention,
+                                     linear=lambda c: seen.append(c) or c)
+    assert seen == [DotProductAttention, column, row, column, row]
+    assert new.submodules.self_attention.submodules.core_attention is KVCacheAttention
+    assert spec.submodules.self_attention.submodules.core_attention is DotProductAttention  # a copy was changed
+    cores = list(mcore.attention_cores(model))
+    assert [n for n, _ in cores] == [layer.self_attention.layer_number for layer in model.decoder.layers]
+    assert len(cores) == model.config.num_layers and all(isinstance(c, KVCacheAttention) for _, c in cores)
+    points = [(layer.self_attention, [(getattr(layer, block), leaf) for block, leaf in mcore.LINEAR_LEAVES])
+              for layer in model.decoder.layers]
     calls = []
 
     class Recorder(torch.nn.Module):
@@ -162,18 +176,20 @@ def test_layer_anatomy(model):
             assert getattr(parent, name, None) is not None, f"{type(parent).__name__}.{name} is gone"
         if attn is not None:
             assert isinstance(attn.layer_number, int)
-            originals.append((attn, getattr(attn, mcore.CORE_ATTENTION)))
-            setattr(attn, mcore.CORE_ATTENTION, Recorder(originals[-1][1]))
+            originals.append((attn, attn.core_attention))
+            attn.core_attention = Recorder(originals[-1][1])
     ids, pos, mask = _inputs()
     try:
         with torch.no_grad():
             model(ids, pos, mask)
     finally:
         for attn, original in originals:
-            setattr(attn, mcore.CORE_ATTENTION, original)
+            attn.core_attention = original
     cfg = model.config
     d = cfg.kv_channels
-    accepted = set(inspect.signature(CachedCoreAttention.forward).parameters) - {"self"}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = {n for n, p in inspect.signature(KVCacheAttention.forward).parameters.items()
+                if p.kind in named} - {"self"}
     assert len(calls) == cfg.num_layers
     for shapes, kwargs, out in calls:
         assert shapes[:3] == ((S, B, cfg.num_attention_heads, d), (S, B, cfg.num_query_groups, d),
@@ -183,9 +199,13 @@ def test_layer_anatomy(model):
 
 
 def test_local_linears(model):
+    from megatron_opcd.models.kernels import ForwardOnlyLinear
+
     column, row = mcore.local_linear_classes()
     attn = model.decoder.layers[0].self_attention
-    assert type(attn.linear_qkv) is column and type(attn.linear_proj) is row
+    # megatron's exact classes, under the forward-only mixin the model is built with
+    assert type(attn.linear_qkv).__bases__ == (ForwardOnlyLinear, column)
+    assert type(attn.linear_proj).__bases__ == (ForwardOnlyLinear, row)
     for lin in (attn.linear_qkv, attn.linear_proj):
         for attr in ("weight", "bias", "skip_bias_add", "tp_group", "sequence_parallel"):
             assert hasattr(lin, attr), f"{type(lin).__name__}.{attr} is gone"

@@ -33,6 +33,39 @@ def test_compat_patches_still_apply():
         assert patch.targets and all(t.startswith("megatron.core.") for t in patch.targets), patch.name
 
 
+def test_cpu_mode_is_an_explicit_opt_in():
+    """Importing the entry points enables nothing (no patch, no TorchFunctionMode); on a host
+    without CUDA `parallel.initialize` refuses until `compat.enable_cpu()` is called, then starts."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode is for hosts without CUDA")
+    code = "\n".join([
+        "import torch",
+        "import megatron_opcd.train, megatron_opcd.generate, megatron_opcd.evaluate, megatron_opcd.launcher",
+        "import megatron_opcd.generation, megatron_opcd.models, megatron_opcd.convert",
+        "from megatron_opcd import parallel",
+        "from megatron_opcd.compat import cpu, enable_cpu",
+        "print('after import:', cpu.is_applied(), torch._C._len_torch_function_stack())",
+        "try:",
+        "    parallel.initialize()",
+        "except RuntimeError as exc:",
+        "    print('refused:', exc)",
+        "print('enabled:', enable_cpu(), torch._C._len_torch_function_stack())",
+        "parallel.initialize()",
+        "print('started')",
+        "parallel.destroy()",
+    ])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after import: False 0" in out.stdout
+    assert "refused: this host has no CUDA and CPU mode is off: call megatron_opcd.compat.enable_cpu()" in out.stdout
+    assert "enabled: True 1" in out.stdout and "started" in out.stdout
+
+
 def test_compat_version_range_is_setup_py_and_the_makefile():
     """One range: setup.py's requirement is compat/cpu.py's SUPPORTED, and CI's two environments
     (the Makefile's MCORE_311/MCORE_312) are compat/cpu.py's TESTED releases, the range's ends."""
@@ -134,6 +167,40 @@ def test_teacher_is_frozen_and_student_trains(groups):
     assert teacher(ids, pos, mask).requires_grad is False
     student(ids, pos, mask).sum().backward()
     assert all(p.grad is not None for p in student.parameters())
+
+
+def test_generation_kernels_are_built_in(groups):
+    """A built model already has the generation kernels as its leaves (nothing is swapped in at
+    run time), subclasses of megatron's own classes that add no state: the state dict is the one
+    of a GPTModel built from megatron's stock local spec, key for key, and so are its outputs."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_opcd.compat import mcore
+    from megatron_opcd.models import build_model, transformer_config
+    from megatron_opcd.models.kernels import ForwardOnlyLinear, KVCacheAttention
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=128,
+                      tie_embeddings=False)
+    model = build_model(cfg, "student", groups=groups, seed=5).eval()
+    column, row = mcore.local_linear_classes()
+    attn, mlp = model.decoder.layers[0].self_attention, model.decoder.layers[0].mlp
+    assert type(attn.core_attention).__bases__ == (KVCacheAttention, DotProductAttention)
+    for leaf, base in ((attn.linear_qkv, column), (attn.linear_proj, row), (mlp.linear_fc1, column),
+                       (mlp.linear_fc2, row), (model.output_layer, column)):
+        assert type(leaf).__bases__ == (ForwardOnlyLinear, base)
+    stock = GPTModel(config=transformer_config(cfg, groups), transformer_layer_spec=get_gpt_layer_local_spec(),
+                     vocab_size=cfg.padded_vocab_size(1), max_sequence_length=cfg.max_position_embeddings,
+                     share_embeddings_and_output_weights=False, position_embedding_type="rope",
+                     pg_collection=groups.pg_collection).eval()
+    assert list(stock.state_dict()) == list(model.state_dict())
+    stock.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)[None, None]
+    with torch.no_grad():
+        pos = torch.arange(6)[None].expand(2, 6)
+        assert torch.equal(model(ids, pos, mask), stock(ids, pos, mask))  # megatron's forward, bit for bit
 
 
 def test_vocabulary_must_match(groups):

@@ -200,6 +200,9 @@ def run(args) -> dict:
 
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from megatron_opcd.compat import enable_cpu
+
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp))
     rank0 = dist.get_rank() == 0
     say = print if rank0 else (lambda *_: None)
@@ -285,6 +288,9 @@ def _run_game(args) -> dict:
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     layout = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    from megatron_opcd.compat import enable_cpu
+
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize(layout)
     rank0 = dist.get_rank() == 0
     say = print if rank0 else (lambda *_: None)

@@ -194,9 +194,11 @@ def _write_checkpoints(ckpt_root: str, tokenizer: str, todo_json: str) -> list:
     """In one single-rank process: a random tiny model per name, saved as a converted checkpoint."""
     from megatron_opcd import parallel
     from megatron_opcd.checkpointing import save_checkpoint
+    from megatron_opcd.compat import enable_cpu
     from megatron_opcd.config import ModelConfig
     from megatron_opcd.models import build_model
 
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize()
     done = []
     for i, (name, fields) in enumerate(json.loads(todo_json).items()):

@@ -1,9 +1,9 @@
 """Run megatron-core on machines without CUDA (development boxes, CI), keyed by version.
 
-megatron-core assumes CUDA in a few dozen places (measured list: docs/compatibility.md and
-../shared/docs/platform-facts.md). `apply()` patches exactly those, and only when
-`torch.cuda.is_available()` is False; on a GPU host it does nothing. Nothing outside
-`megatron_opcd/compat/` knows about these patches.
+megatron-core assumes CUDA in a few dozen places (measured list: docs/compatibility.md).
+`enable()` (`megatron_opcd.compat.enable_cpu()`, called by the entry points on a host without
+CUDA) patches exactly those; on a GPU host it does nothing. Nothing outside `megatron_opcd/compat/`
+knows what these patches are.
 
 `PATCHES` lists each patch with the megatron-core releases it applies to (a PEP 440 specifier)
 and the megatron-core names it serves (`targets`). `check()` resolves every target of every patch
@@ -310,8 +310,21 @@ def verify(version: str) -> None:
         warnings.warn(note, stacklevel=3)
 
 
-def apply() -> bool:
-    """Install the CPU patches once, only without CUDA. Returns True if they are (now) active."""
+def enable() -> bool:
+    """CPU mode for this process (exported as `megatron_opcd.compat.enable_cpu`): install the
+    patches above for the installed megatron-core (`PATCHES`, `patches_for`): `torch.cuda`'s
+    current_device, synchronize, Event, RNG functions (and, from 0.17, current_stream) replaced by
+    CPU stand-ins, tensor_parallel/random.py's CUDA RNG getter/setter by the CPU generator's, and
+    the `_CudaToCpuMode` TorchFunctionMode pushed on this thread's mode stack, where every later
+    torch call passes through it.
+
+    Process-wide and for the life of the process: there is no undo (`redirect_suspended` lifts
+    only the mode, only for a block). An explicit opt-in, never an import side effect: entry points
+    call it on a host without CUDA (the CLIs, `launcher.run_on_ranks`'s ranks, the tests' conftest,
+    the demo, tools and benchmarks), and `parallel.initialize` refuses to start on such a host
+    without it. Where CUDA is available it changes nothing and returns False (megatron-core's CUDA
+    paths are real there), so a CLI on a GPU host never enables it. Returns True when CPU mode is
+    on (now or already). Idempotent."""
     global _applied
     if torch.cuda.is_available():
         return False

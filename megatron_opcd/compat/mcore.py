@@ -34,8 +34,11 @@ ASSUMPTIONS = {
                          "(logits [s, b, v], bias); GPTModel hands it the hidden states positionally",
     "rotary_table": "GPTModel.rotary_pos_emb(n) -> [n, 1, 1, d] angles; its inv_freq and _apply_scaling "
                     "(Llama 3 rope scaling) exist",
-    "layer_anatomy": "decoder.layers[i].self_attention.{core_attention, linear_qkv, linear_proj, layer_number} "
-                     "and .mlp.{linear_fc1, linear_fc2}; core_attention is called as (query, key, value, "
+    "layer_anatomy": "a layer spec (local and TE) names its leaves in submodules.self_attention.submodules."
+                     "{core_attention, linear_qkv, linear_proj} and submodules.mlp.submodules.{linear_fc1, "
+                     "linear_fc2}, built as decoder.layers[i].self_attention.{core_attention, linear_qkv, "
+                     "linear_proj, layer_number} and .mlp.{linear_fc1, linear_fc2}; core_attention is called "
+                     "as (query, key, value, "
                      "attention_mask, attn_mask_type=, attention_bias=, packed_seq_params=) with "
                      "query [s, b, heads/tp, d] and returns [s, b, heads/tp * d]",
     "local_linears": "tensor_parallel.layers.{ColumnParallelLinear, RowParallelLinear} carry weight, bias, "
@@ -95,19 +98,31 @@ def rescale_rotary(rope, *, base: float, factor: float, low_freq_factor: float, 
                                         original_max_position_embeddings=original_max_position_embeddings)
 
 
-# --- The layers' leaves, where generation swaps in its kernels ---------------------------------
+# --- The layers' leaves, where the model is built with the generation kernels ------------------
 
-def layer_swap_points(module):
-    """(self_attention, [(parent, name) of its layer's four linears]) per layer of this stage, then
-    (None, [(module, "output_layer")]) on the last stage (assumption layer_anatomy)."""
+LINEAR_LEAVES = (("self_attention", "linear_qkv"), ("self_attention", "linear_proj"), ("mlp", "linear_fc1"),
+                 ("mlp", "linear_fc2"))
+
+
+def replace_layer_leaves(spec, *, attention: Callable, linear: Callable):
+    """A copy of the layer spec `spec` whose core attention class is `attention(cls)` and whose four
+    linears are `linear(cls)` (assumption layer_anatomy). A copy: megatron's spec functions may hand
+    out module-level objects."""
+    import copy
+
+    spec = copy.deepcopy(spec)  # ModuleSpecs and dataclasses; the classes in them are kept, not copied
+    attn = spec.submodules.self_attention.submodules
+    attn.core_attention = attention(attn.core_attention)
+    for block, leaf in LINEAR_LEAVES:
+        holder = getattr(spec.submodules, block).submodules
+        setattr(holder, leaf, linear(getattr(holder, leaf)))
+    return spec
+
+
+def attention_cores(module):
+    """(layer_number, core_attention module) per layer of this stage (assumption layer_anatomy)."""
     for layer in module.decoder.layers:
-        attn, mlp = layer.self_attention, layer.mlp
-        yield attn, [(attn, "linear_qkv"), (attn, "linear_proj"), (mlp, "linear_fc1"), (mlp, "linear_fc2")]
-    if getattr(module, "post_process", False):
-        yield None, [(module, "output_layer")]
-
-
-CORE_ATTENTION = "core_attention"  # the attribute of SelfAttention that holds the attention kernel
+        yield layer.self_attention.layer_number, layer.self_attention.core_attention
 
 
 def local_linear_classes() -> tuple[type, type]:

@@ -253,6 +253,7 @@ def job_main(plan: Plan, progress_queue=None) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)  # dist_checkpointing's torch deprecations
 
     from megatron_opcd import parallel
+    from megatron_opcd.compat import enable_cpu
     from megatron_opcd.config import ParallelConfig
     from megatron_opcd.data.prompts import Example
     from megatron_opcd.evaluation import get_task
@@ -289,6 +290,7 @@ def job_main(plan: Plan, progress_queue=None) -> dict:
         out["samples"][out_key + (f"@{seed}" if method else "")] = r["samples"]
         return r
 
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     groups = parallel.initialize(ParallelConfig(seed=plan.seed))
     try:
         for i, (method, seed) in enumerate(runs):

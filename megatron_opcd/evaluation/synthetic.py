@@ -245,6 +245,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from megatron_opcd.compat import enable_cpu
+
+    enable_cpu()  # a host without CUDA: megatron-core in CPU mode (a no-op with CUDA)
     art = pretrain_synthetic_model(args.out, steps=args.steps, seed=args.seed)
     print(f"checkpoint {art.checkpoint}\ntrain {art.train_file}\neval {art.eval_file}\ncontext {art.context!r}\n"
           f"run OPCD: python -m megatron_opcd.train --config {art.config}")

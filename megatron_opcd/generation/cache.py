@@ -4,7 +4,7 @@ Why our own cache and not megatron-core's `StaticInferenceContext` (what the fir
 measured in docs/generation.md): megatron 0.16.1 keeps keys *before* RoPE and re-rotates the whole
 cache in every layer at every step, and expands grouped K/V heads with `repeat_interleave` every
 step. Here a key is rotated once, when it is written, with the *position* of its token (so a row
-may be padded anywhere); `kernels.CachedCoreAttention` writes and reads this cache.
+may be padded anywhere); `models.kernels.KVCacheAttention` writes and reads this cache.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class KVCache:
     A prefix that every query of every row sees whole can be *shared* (`load_prefix(...,
     shared=True)`): its keys and values stay one `[1, g, P, d]` copy (the `PrefixCache`'s own
     tensors, never written), the rows' buffers hold slots `[P, max_seq)` only, and attention reads
-    the prefix once for all rows (`kernels.CachedCoreAttention`, cascade attention). Masks keep
+    the prefix once for all rows (`models.kernels.KVCacheAttention`, cascade attention). Masks keep
     covering all slots `[0, offset + s)`; `set_inputs` checks the prefix columns are all visible.
 
     Per forward, `stage.forward_stage` also sets what every layer shares (`set_inputs`): the
@@ -67,7 +67,7 @@ class KVCache:
 
         `masked` is megatron's `[b, 1, s, offset + s]` bool (True = masked). SDPA gets it as an
         additive `[b, 1, r*s, offset + s]` float mask in the layout of grouped queries: the `r`
-        query heads of one KV group are folded into the query axis (`kernels.CachedCoreAttention`),
+        query heads of one KV group are folded into the query axis (`models.kernels.KVCacheAttention`),
         so attention reads each group's keys once, with no GQA expansion (measured 1.8x faster
         than SDPA's `enable_gqa` with a bool mask for a decode step). Masked entries get the
         dtype's lowest finite value rather than -inf: a row can never turn into NaN."""

@@ -26,7 +26,6 @@ import torch
 
 from megatron_opcd.generation.sampling import SamplingParams, sample
 from megatron_opcd.generation.cache import KVCache
-from megatron_opcd.generation.kernels import attach
 from megatron_opcd.generation.stage import (
     PrefixCache,
     Rope,
@@ -37,6 +36,7 @@ from megatron_opcd.generation.stage import (
     inference_mode,
     model_device,
 )
+from megatron_opcd.models.kernels import attach
 from megatron_opcd.parallel import ParallelGroups
 
 Prefix = Union[Sequence[int], PrefixCache, None]

@@ -21,9 +21,9 @@ import torch
 
 from megatron_opcd.data.packing import pack, pack_segments
 from megatron_opcd.generation.cache import KVCache
-from megatron_opcd.generation.kernels import attach
 from megatron_opcd.generation.stage import PrefixCache, Rope, _prefill_prefix, forward_stage, inference_mode, model_device
 from megatron_opcd.losses.vocab import vocab_parallel_token_logprobs
+from megatron_opcd.models.kernels import attach
 from megatron_opcd.parallel import ParallelGroups
 
 

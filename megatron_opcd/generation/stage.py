@@ -8,12 +8,12 @@ last stage), with two differences that make a cache possible:
   every row; we hand the block a `[s, b, 1, d]` table gathered at each row's `position_ids`, so a
   key is rotated with its token's true position wherever its row keeps it in the cache (pads may
   sit between prefix and prompt). Learned absolute embeddings get the same `position_ids`.
-* With a `KVCache`, the layers run with the forward-only kernels of kernels.py (`attach`): the
+* With a `KVCache`, the layers run their forward-only kernels (models/kernels.py, `attach`): the
   cache's attention rotates queries and keys itself (cos/sin computed once per forward, not per
   layer), and the output layer can run on the last position only.
 
-Without a cache the layers keep megatron's own core attention (`DotProductAttention` on the CPU),
-which is what the tests compare the cached path against.
+Without a cache the layers run megatron's own core attention (`DotProductAttention`'s forward on
+the CPU), which is what the tests compare the cached path against.
 
 Masks are megatron's convention here, `[b, 1, sq, sk]` bool with True = masked; the cache turns
 them into SDPA's additive mask once per forward (`KVCache.set_inputs`).
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_opcd.compat import mcore
 from megatron_opcd.data.packing import response_rows
 from megatron_opcd.generation.cache import KVCache
-from megatron_opcd.generation.kernels import attach
+from megatron_opcd.models.kernels import attach
 from megatron_opcd.parallel import ParallelGroups
 
 
@@ -112,12 +112,12 @@ def forward_stage(
     losses read). The output layer sees only the positions it returns.
 
     `attention_mask` is `[b, 1, s, sk]` bool, True = masked. With `cache` (attached to `module`
-    with `kernels.attach`), the new keys/values go to slots `[cache.offset, +s)`, the mask covers
+    with `models.kernels.attach`), the new keys/values go to slots `[cache.offset, +s)`, the mask covers
     `[0, cache.offset + s)`, and the offset is advanced here."""
     b, s = tokens.shape
     cfg = module.config
     rotary = rope(position_ids)  # [s, b, 1, rot_dim] angles, or None
-    if cache is not None:  # what every CachedCoreAttention of this forward shares, computed once
+    if cache is not None:  # what every KVCacheAttention of this forward shares, computed once
         heads_per_group = cfg.num_attention_heads // (cfg.num_query_groups or cfg.num_attention_heads)
         cache.set_inputs(attention_mask, rotary, heads_per_group, cfg.params_dtype)
         rotary = None  # the cache's attention rotates; megatron's layers must not rotate again

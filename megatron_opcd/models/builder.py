@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron_opcd.compat.optional import check_runtime
 from megatron_opcd.config import ModelConfig, ParallelConfig
 from megatron_opcd.errors import ConfigError
+from megatron_opcd.models.kernels import install_output_layer
 from megatron_opcd.models.sharding import layout_invariant_init_
 from megatron_opcd.models.spec import fp8_kwargs, layer_spec
 from megatron_opcd.parallel import ParallelGroups
@@ -135,12 +136,11 @@ def build_model(
         rope_scaling_factor=model_config.rope_scaling_factor,
         pg_collection=groups.pg_collection,
     )
+    install_output_layer(model)  # GPTModel builds it itself: the spec cannot name its class
     _apply_rope_scaling_details(model, model_config)
     _norms_in_model_dtype(model, config.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
-    model.opcd_config = model_config  # what the model was built from (checkpoints and tools read it)
-    model.opcd_role = role
     if init:
         layout_invariant_init_(
             model,
@@ -186,7 +186,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    model.opcd_frozen = True
     return model
 
 

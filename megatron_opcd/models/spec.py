@@ -1,6 +1,10 @@
 """Layer specs: Transformer Engine's where it can run and is asked for, megatron-core's local
 modules otherwise. Asking for TE or FP8 where it cannot run is a `ConfigError` (raised by
 `config.check_runtime` before anything is built), never a silent fallback.
+
+Either spec carries the generation kernels (models/kernels.py) as its leaves: the core attention
+with a KV-cache path, the local linears with a forward-only one. Both run megatron's own forward
+until `kernels.attach` points them at a cache, so training sees megatron's modules unchanged.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from megatron_opcd.config import ModelConfig
+from megatron_opcd.models.kernels import generation_spec
 
 
 class SequenceParallelTorchNorm:
@@ -32,14 +37,16 @@ def layer_spec(model: ModelConfig, *, sequence_parallel: bool, num_layers_in_sta
     if model.transformer_impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        # TE's fused LayerNormLinear handles sequence parallelism and FP8 itself.
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+        # TE's fused LayerNormLinear handles sequence parallelism and FP8 itself (and keeps its own
+        # forward while generating: only the core attention gets the cache path).
+        return generation_spec(get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm))
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_opcd.compat import mcore
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
+    spec = generation_spec(get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm,
+                                                    normalization=model.normalization))
     if not sequence_parallel:
         return spec
     # QK-norm (Qwen3) is the same WrappedTorchNorm and asserts under SP too; it normalises this

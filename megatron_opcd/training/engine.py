@@ -43,7 +43,6 @@ def wrap_ddp(model, groups: ParallelGroups, *, use_distributed_optimizer: bool =
     ddp = DistributedDataParallel(
         config=model.config, ddp_config=ddp_config, module=model, pg_collection=groups.pg_collection
     )
-    ddp.opcd_config = getattr(model, "opcd_config", None)
     return ddp
 
 

@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass per component, validated in `__post_init__`, loaded from YAML
 with `key=value` overrides (`model.num_layers=4`).
 
-Rules (../shared/STYLE.md habit 6): a docstring per field; unknown keys and wrong types are
+Rules: a docstring per field; unknown keys and wrong types are
 rejected with a one-line `ConfigError` that names the field and the fix; never `assert` for user
 input. Cluster facts (node counts, paths, TP/PP degrees of a real job) live in `examples/`.
 

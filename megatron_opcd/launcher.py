@@ -2,7 +2,7 @@
 
 Used by the tests, the CPU demo and the benchmarks; clusters use torchrun / srun instead.
 
-Why a `forkserver`: importing megatron.core costs ~6 s per process on these machines. The fork
+Why a `forkserver`: importing megatron.core costs seconds of CPU per process. The fork
 server imports torch and megatron.core once and forks every rank from that clean, single-threaded
 process (a plain `fork` of a parent that has already run OpenMP kernels can hang in libgomp).
 

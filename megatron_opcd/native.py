@@ -49,8 +49,8 @@ import torch
 MAX_ROWS = 8
 """Rows per call: the kernel keeps one 8-lane accumulator per row in AVX2's 16 registers."""
 MIN_ROWS = 2
-"""One row (batch 1) is a matrix-vector product that MKL streams as fast (7.2 vs 7.4 ms for the
-28M model's decode matmuls): it keeps its `[in, out]` copies there (models.kernels.ForwardOnlyLinear)."""
+"""One row (batch 1) is a matrix-vector product that MKL streams as fast (docs/generation.md):
+it keeps its `[in, out]` copies there (models.kernels.ForwardOnlyLinear)."""
 
 SOURCE = Path(__file__).parent / "csrc" / "opcd_kernels.cpp"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-Wall", "-Wextra", "-Werror"]

@@ -10,7 +10,7 @@ The student (no context) copies; the teacher (with the context) sorts. On-policy
 distillation should move the student toward sorting without the context: its KL to the teacher
 on held-out prompts goes down and its agreement with the teacher goes up.
 
-    art = pretrain_synthetic_model("runs/synthetic")   # ~20 s on one CPU core
+    art = pretrain_synthetic_model("runs/synthetic")   # tens of seconds on one CPU core
     art.checkpoint      runs/synthetic/checkpoint      model_config.yaml + model/ + tokenizer/
     art.train_file      runs/synthetic/train.jsonl     {"prompt": "4213=", "answer": "1234"}
     art.eval_file       runs/synthetic/eval.jsonl      held-out prompts (not in train.jsonl)

@@ -20,7 +20,7 @@ it at a KV cache for one `generate`/`score` call:
   them: while attached, a plain matmul on the module's own weight, and megatron's own
   `reduce_from_tensor_model_parallel_region` / `gather_from_tensor_model_parallel_region`. The
   stock forward routes every call through an autograd Function, autocast decorators, offloading
-  and gradient-fusion checks: ~0.18 ms of Python per call on the CPU, 15% of a decode step.
+  and gradient-fusion checks: Python overhead that is a sizeable share of a CPU decode step.
   While decoding on the CPU, a step's 2-8 rows go through `native.linear_rows` (a small AVX2
   kernel that reads each weight row once; 1.3x MKL's sgemm at 8 rows), one row (and more than
   8) through an `[in, out]` copy of the weight (see `attach`).

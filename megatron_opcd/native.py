@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -67,8 +68,11 @@ def _cache_dirs() -> list[Path]:
 
 def _build_folder() -> Path:
     """This user's folder for the build, one per Python and torch release (the library links
-    against torch's C++ ABI)."""
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}"
+    against torch's C++ ABI) and per source file, its text and the flags: cpp_extension's ninja file
+    names the source by path, so two checkouts (or two versions) sharing one folder would each
+    rebuild on every other process's start."""
+    digest = hashlib.sha256("\0".join([str(SOURCE), SOURCE.read_text(), *FLAGS]).encode()).hexdigest()[:12]
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}-{digest}"
     errors = []
     for folder in _cache_dirs():
         try:

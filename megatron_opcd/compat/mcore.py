@@ -17,6 +17,7 @@ its getter of the checkpoint writers' queue; the global the project sets is the 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -36,6 +37,8 @@ ASSUMPTIONS = {
                     "(Llama 3 rope scaling) exist",
     "layer_anatomy": "a layer spec (local and TE) names its leaves in submodules.self_attention.submodules."
                      "{core_attention, linear_qkv, linear_proj} and submodules.mlp.submodules.{linear_fc1, "
+                     "linear_fc2} (from 0.19 the local spec's mlp is a functools.partial whose submodules= "
+                     "keyword holds {linear_fc1, "
                      "linear_fc2}, built as decoder.layers[i].self_attention.{core_attention, linear_qkv, "
                      "linear_proj, layer_number} and .mlp.{linear_fc1, linear_fc2}; core_attention is called "
                      "as (query, key, value, "
@@ -111,12 +114,21 @@ def replace_layer_leaves(spec, *, attention: Callable, linear: Callable):
     import copy
 
     spec = copy.deepcopy(spec)  # ModuleSpecs and dataclasses; the classes in them are kept, not copied
-    attn = spec.submodules.self_attention.submodules
+    attn = _submodules_of(spec.submodules.self_attention)
     attn.core_attention = attention(attn.core_attention)
     for block, leaf in LINEAR_LEAVES:
-        holder = getattr(spec.submodules, block).submodules
+        holder = _submodules_of(getattr(spec.submodules, block))
         setattr(holder, leaf, linear(getattr(holder, leaf)))
     return spec
+
+
+def _submodules_of(block):
+    """The submodules of one block of a layer spec: a ModuleSpec's `.submodules`; from megatron-core
+    0.19 the local spec's MLP is `functools.partial(MLP.as_mlp_submodule, submodules=...)` instead
+    (a deep copy of a partial copies its keywords, so the copy is the one edited)."""
+    if isinstance(block, functools.partial):
+        return block.keywords["submodules"]
+    return block.submodules
 
 
 def attention_cores(module):

@@ -33,6 +33,7 @@ from megatron_opcd.config import (
 from megatron_opcd.envs.config import GameConfig
 from megatron_opcd.errors import ConfigError
 from megatron_opcd.generation.sampling import SamplingParams
+from megatron_opcd.losses.diagnostics import DiagnosticsSpec
 from megatron_opcd.losses.divergence import DivergenceSpec
 
 
@@ -171,6 +172,17 @@ class LossConfig:
     chunk_tokens: int = DivergenceSpec.chunk_tokens
     """Tokens per chunk inside the loss (bounds its extra memory)."""
 
+    diagnostics: bool = True
+    """Top-k losses: log the top-k diagnostics every step and in evaluation (docs/training.md,
+    "Top-k diagnostics"): the teacher's mass on I, the student's mass outside it, the share of
+    tokens whose teacher argmax is outside it, the top-k vs exact divergence on sampled positions."""
+
+    diagnostic_tokens: int = DiagnosticsSpec.sample_tokens
+    """Response positions per micro-batch on which the top-k value is compared with the exact one (0: none)."""
+
+    warn_teacher_mass: float = DiagnosticsSpec.warn_teacher_mass
+    """Log a warning line when the teacher's mean mass on the student's top-k falls below this (0: never)."""
+
     def __post_init__(self):
         if self.topk is not None and self.topk < 1:
             raise ConfigError(f"loss.topk={self.topk} must be >= 1, or null for the exact divergence")
@@ -178,8 +190,14 @@ class LossConfig:
             raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
         try:  # the spec's own checks (beta, chunk_tokens, ...) at load time, not on the first step
             self.build(algorithm="opcd", generation_temperature=1.0)
+            self.build_diagnostics()
         except ValueError as exc:
             raise ConfigError(f"loss.{exc}") from None
+
+    def build_diagnostics(self) -> Optional[DiagnosticsSpec]:
+        """The diagnostics this section asks for; None when off or for an exact loss (no top-k)."""
+        spec = DiagnosticsSpec(sample_tokens=self.diagnostic_tokens, warn_teacher_mass=self.warn_teacher_mass)
+        return spec if self.diagnostics and self.topk is not None else None
 
     def build(self, *, algorithm: str, generation_temperature: float,
               vocab_size: Optional[int] = None) -> DivergenceSpec:

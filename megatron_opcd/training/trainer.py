@@ -47,6 +47,7 @@ from megatron_opcd.data.packing import gather_response
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream
 from megatron_opcd.errors import ConfigError, NonFiniteError
 from megatron_opcd.generation.prefix import TeacherPrefix
+from megatron_opcd.losses.diagnostics import warning_line
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups, dp_share
@@ -409,7 +410,15 @@ class Trainer:
         if "reverse_kl" in result.metrics or "forward_kl" in result.metrics or "jsd" in result.metrics:
             result.metrics["kl"] = result.metrics.get(self.cfg.loss_kind, float("nan"))
         result.metrics.update(self.source.metrics(rollout))
+        self._warn_topk(result.metrics, f"step {step}")
         return result
+
+    def _warn_topk(self, metrics: dict, where: str) -> None:
+        """The top-k diagnostics' warning line (losses/diagnostics.py), when the threshold is crossed."""
+        diag = getattr(getattr(self.objective, "loss", None), "diagnostics", None)  # top-k losses only
+        line = warning_line(metrics, diag, where) if diag is not None else None
+        if line:
+            self.logger.info(line)
 
     def save(self) -> Optional[Path]:
         if self.run_dir is None:
@@ -434,6 +443,7 @@ class Trainer:
         finally:
             self.student.train(was_training)
         self.logger.log(step, metrics, prefix="eval")
+        self._warn_topk(metrics, f"evaluation at step {step}")
         self.logger.samples(samples)
         return metrics
 

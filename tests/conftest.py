@@ -53,6 +53,7 @@ MCORE_MODULES = (
     "test_models.py",
     "test_layouts.py",
     "test_losses.py",
+    "test_diagnostics.py",
     "test_generation.py",
     "test_train.py",
     "test_convert.py",

@@ -222,7 +222,7 @@ def evaluate_heldout(*, student, teacher, tokenizer, renderer, examples: Sequenc
     (, "score")} of every replica, in example order. The model modes are the caller's."""
     kl, diag, responses = _heldout(student, teacher, tokenizer, renderer, examples, contexts, **kl_kwargs)
     texts = [tokenizer.decode(r) for r in responses]
-    metrics = {"kl": kl, **diag}
+    metrics = {"kl": kl}
     if task is not None:
         graded = grade(task, texts, examples, [e.prompt for e in examples])
         samples = [{"step": step, **s} for s in graded]
@@ -232,4 +232,5 @@ def evaluate_heldout(*, student, teacher, tokenizer, renderer, examples: Sequenc
     else:
         samples = [{"step": step, "index": e.index, "prompt": e.prompt, "response": t} for e, t in zip(examples, texts)]
         samples, _ = gather(samples, [], kl_kwargs["groups"])
+    metrics.update(diag)  # after kl and accuracy: the console's eval line keeps its order
     return metrics, samples

@@ -1,7 +1,8 @@
 """The trainer's configuration: one typed section per component (STYLE habit 6).
 
     model       the student (ModelConfig; read from checkpoint.pretrained when omitted)
-    teacher     frozen model from its own checkpoint, or `self` (the student's current weights)
+    teacher     frozen model from its own checkpoint, `self` (the student's current weights), or
+                `ema` (a moving average of the student)
     parallel    TP / PP / sequence parallelism / distributed optimizer
     data        prompt JSONL files, tokenizer, chat template, length limits
     context     what only the teacher sees: a system prompt or an experience pool
@@ -41,9 +42,10 @@ from megatron_opcd.losses.divergence import DivergenceSpec
 class TeacherConfig:
     """The model that sees the context. `teacher: self` in YAML is short for `{mode: self}`."""
 
-    mode: Literal["frozen", "self"] = "frozen"
+    mode: Literal["frozen", "self", "ema"] = "frozen"
     """frozen: a separate frozen model (may be larger; same vocabulary). self: the student's own
-    current weights, with the context (self-distillation)."""
+    current weights, with the context (self-distillation). ema: an exponential moving average of
+    the student's weights, updated after each optimizer step (training/ema.py)."""
 
     checkpoint: Optional[str] = None
     """Checkpoint folder of the frozen teacher (tools/convert_checkpoint.py output). Required for
@@ -55,9 +57,21 @@ class TeacherConfig:
     seed: int = 4321
     """Seed of the teacher's random initialisation when no checkpoint is given (tests)."""
 
+    ema_decay: Optional[float] = None
+    """mode=ema only, and required there: d in `teacher <- d teacher + (1 - d) student` after each
+    optimizer step, in [0, 1) (0: the live student; e.g. 0.99)."""
+
     def __post_init__(self):
-        if self.mode == "self" and (self.checkpoint or self.model):
-            raise ConfigError("teacher.mode=self uses the student's weights: remove teacher.checkpoint/teacher.model")
+        if self.mode in ("self", "ema") and (self.checkpoint or self.model):
+            raise ConfigError(f"teacher.mode={self.mode} uses the student's weights: remove "
+                              "teacher.checkpoint/teacher.model")
+        if self.mode == "ema" and self.ema_decay is None:
+            raise ConfigError("teacher.mode=ema needs teacher.ema_decay (the average's decay per step, e.g. 0.99)")
+        if self.mode != "ema" and self.ema_decay is not None:
+            raise ConfigError(f"teacher.ema_decay is for teacher.mode=ema (this teacher is {self.mode}): remove it")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"teacher.ema_decay={self.ema_decay} must be in [0, 1) (1 would never move: use "
+                              "the student's initial weights as a frozen teacher)")
         if self.mode == "frozen" and not self.checkpoint and self.model is None:
             raise ConfigError(
                 "teacher.mode=frozen needs teacher.checkpoint (a converted checkpoint folder) "

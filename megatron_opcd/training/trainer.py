@@ -52,6 +52,7 @@ from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups, dp_share
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
+from megatron_opcd.training.ema import EMATeacher, ema_model_config
 from megatron_opcd.training.engine import (
     configure_schedule,
     forward_backward,
@@ -121,6 +122,7 @@ class Trainer:
         resume_from = self._resume_path()
         if resume_from is None and pretrained:
             load_model_weights(student, pretrained)
+        self._student_module = student  # the EMA teacher's source, before DDP wraps it
         self.teacher = self._build_teacher()
         self.ddp = wrap_ddp(student, groups, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         configure_schedule([self.ddp], groups)
@@ -146,7 +148,8 @@ class Trainer:
         self.log_dir = Path(log_dir or cfg.logging.dir or cfg.checkpoint.save or "runs/opcd")
         if resume_from is not None:
             meta = ckpt_state.load_training_checkpoint(resume_from, model=self.ddp, optimizer=self.optimizer,
-                                                       scheduler=self.scheduler, plan=self.resume)
+                                                       scheduler=self.scheduler, plan=self.resume,
+                                                       ema_teacher=self.teacher if self.ema is not None else None)
             self.step = self._saved_step = int(meta["step"])
             self.stream.position = int(meta["data_position"])
         self.logger = MetricsLogger(
@@ -186,9 +189,17 @@ class Trainer:
 
     def _build_teacher(self):
         t = self.cfg.teacher
+        self.ema = None
         if t.mode == "self":
             self.teacher_config = self.model_config
             return None
+        if t.mode == "ema":
+            # The student's architecture on the student's groups (its sharding), fp32, starting from
+            # the student's current weights (a resume then loads the saved average over them).
+            self.teacher_config = ema_model_config(self.model_config)
+            teacher = build_model(self.teacher_config, "teacher", groups=self.groups, seed=t.seed, init=True)
+            self.ema = EMATeacher(self._student_module, teacher, t.ema_decay)
+            return teacher
         self.teacher_config = t.model or read_model_config(t.checkpoint)
         if t.model is not None and t.checkpoint:
             check_matches_checkpoint(t.model, read_model_config(t.checkpoint), t.checkpoint, role="teacher.model")
@@ -328,6 +339,9 @@ class Trainer:
             self.prefixes.clear()  # teacher: self -- the step changed its weights, its cached prefixes are stale
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
             return self._skip(result, f"optimizer refused the step (grad norm {grad_norm})")
+        if self.ema is not None:
+            self.ema.update()  # after the applied step only: a skipped one moves neither model
+            self.prefixes.clear()  # the average moved: its cached prefixes are stale
         self.scheduler.step(increment=1)
         self.consecutive_skips = 0
         result.metrics.update({k: v for k, v in sums.items()})
@@ -426,7 +440,7 @@ class Trainer:
         path = ckpt_state.save_training_checkpoint(
             self.run_dir, self.step, model=self.ddp, optimizer=self.optimizer, scheduler=self.scheduler,
             model_config=self.model_config, data_position=self.stream.position,
-            tokenizer_dir=self.tokenizer_source,
+            tokenizer_dir=self.tokenizer_source, ema_teacher=self.teacher if self.ema is not None else None,
         )
         ckpt_state.apply_retention(self.run_dir, self.cfg.checkpoint.keep_last)
         self._saved_step = self.step

@@ -175,3 +175,20 @@ def test_trainer_logs_the_diagnostics_every_step_and_in_evaluation(run_ranks, tm
         assert all(math.isfinite(x[n]) for n in names), x
     assert all({"loss", "kl", "reverse_kl", "grad_norm"} <= set(x) for x in train)
     assert "kl" in evals[0]
+
+
+def test_the_trainer_warns_once_per_fall_not_every_step():
+    """The warning line is said when the mass falls below the threshold, not again while it stays
+    there (the metric is logged every step), and again after a recovery; training and evaluation
+    each keep their own state."""
+    from types import SimpleNamespace
+
+    from megatron_opcd.training.trainer import Trainer
+
+    said = []
+    fake = SimpleNamespace(objective=SimpleNamespace(loss=SimpleNamespace(diagnostics=DiagnosticsSpec(sample_tokens=0, warn_teacher_mass=0.5))),
+                           logger=SimpleNamespace(info=said.append), _topk_low={})
+    for step, mass in enumerate([0.6, 0.3, 0.2, 0.4, 0.7, 0.1], start=1):
+        Trainer._warn_topk(fake, {"topk_teacher_mass": mass}, f"step {step}")
+    Trainer._warn_topk(fake, {"topk_teacher_mass": 0.2}, "evaluation at step 6")
+    assert [line.split(": ")[1] for line in said] == ["step 2", "step 6", "evaluation at step 6"]

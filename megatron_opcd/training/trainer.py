@@ -105,6 +105,7 @@ class Trainer:
         self.preempt = Preemption()  # SIGTERM/SIGUSR1: stop at the next safe point of the step
         self._micro_index = 0  # forward steps run in this update (safe points from the second on)
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
+        self._topk_low: dict[str, bool] = {}  # "step"/"evaluation": below loss.warn_teacher_mass last time
         self.run_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         self.run_lock = ckpt_state.lock_run_dir(self.run_dir)  # this run owns checkpoint.save, or one line
         self.resume = ckpt_state.check_resume(cfg)  # files only, before any model is built
@@ -428,11 +429,15 @@ class Trainer:
         return result
 
     def _warn_topk(self, metrics: dict, where: str) -> None:
-        """The top-k diagnostics' warning line (losses/diagnostics.py), when the threshold is crossed."""
+        """The top-k diagnostics' warning line (losses/diagnostics.py) when the teacher's mass falls below
+        the threshold: once per fall, not every step while it stays low (the metric itself is logged
+        every step); again if it recovers and falls again. Training and evaluation each keep their own."""
         diag = getattr(getattr(self.objective, "loss", None), "diagnostics", None)  # top-k losses only
         line = warning_line(metrics, diag, where) if diag is not None else None
-        if line:
-            self.logger.info(line)
+        kind = where.split()[0]  # "step 3" / "evaluation at step 4": one state per kind
+        if line and not self._topk_low.get(kind):
+            self.logger.info(line + " (said once while it stays below)")
+        self._topk_low[kind] = bool(line)
 
     def save(self) -> Optional[Path]:
         if self.run_dir is None:

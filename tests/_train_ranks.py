@@ -164,3 +164,48 @@ def teacher_accounting(config_path: str, overrides: list[str], steps: int = 2) -
     finally:
         generation.prefill_prefix, generation.score = prefill, score
         parallel.destroy()
+
+
+def _params(module) -> dict:
+    return {n: p.detach().double().clone() for n, p in module.named_parameters()}
+
+
+def ema_steps(config_path: str, overrides: list[str], steps: int = 3) -> dict:
+    """teacher.mode=ema: this rank's shard of the student before and after each of `steps` steps
+    (float64 copies) and of the EMA teacher after them."""
+    from megatron_opcd import parallel
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.trainer import Trainer
+
+    cfg = load_train_config(config_path, overrides)
+    groups = parallel.initialize(cfg.parallel)
+    try:
+        t = Trainer(cfg, groups)
+        students, skipped = [_params(t.student)], []
+        first_teacher = _params(t.teacher)
+        for _ in range(steps):
+            skipped.append(t.train_step().skipped)
+            students.append(_params(t.student))
+        return {"students": students, "teacher": _params(t.teacher), "first_teacher": first_teacher,
+                "skipped": skipped, "decay": cfg.teacher.ema_decay, "dtype": str(next(t.teacher.parameters()).dtype)}
+    finally:
+        parallel.destroy()
+
+
+def ema_train(config_path: str, overrides: list[str]) -> dict:
+    """A whole `Trainer.train()` with teacher.mode=ema: the EMA teacher as built (after a resume:
+    as loaded) and at the end, and the history."""
+    from megatron_opcd import parallel
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.trainer import Trainer
+
+    cfg = load_train_config(config_path, overrides)
+    groups = parallel.initialize(cfg.parallel)
+    try:
+        t = Trainer(cfg, groups)
+        start = _params(t.teacher)
+        summary = t.train()
+        return {"start": start, "end": _params(t.teacher), "student": _params(t.student),
+                "history": summary["history"]}
+    finally:
+        parallel.destroy()

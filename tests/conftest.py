@@ -53,6 +53,8 @@ MCORE_MODULES = (
     "test_models.py",
     "test_layouts.py",
     "test_losses.py",
+    "test_diagnostics.py",
+    "test_teacher_ema.py",
     "test_generation.py",
     "test_train.py",
     "test_convert.py",

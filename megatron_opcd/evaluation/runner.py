@@ -160,19 +160,33 @@ def heldout_kl(student, teacher, tokenizer, renderer, examples: Sequence[Example
     over the whole vocabulary, averaged over the response tokens of the world. Returns (that KL,
     this rank's responses). A DP replica without examples adds zeros but still joins the
     all-reduce (returning early hung the others)."""
-    buf = torch.zeros(2, dtype=torch.float64)  # [KL sum, response tokens]: host floats, gloo reduces them
+    kl, _, responses = _heldout(student, teacher, tokenizer, renderer, examples, contexts, groups=groups,
+                                sampling=sampling, vocab_size=vocab_size, temperature=temperature, prefixes=prefixes)
+    return kl, responses
+
+
+def _heldout(student, teacher, tokenizer, renderer, examples, contexts, *, topk_spec=None, diagnostics=None,
+             **kw) -> tuple[float, dict, list[list[int]]]:
+    """(exact KL, the top-k diagnostics `{name: mean}` of `topk_spec`'s loss when `diagnostics` is
+    given (else {}), this rank's responses), reduced over the world as `heldout_kl` says."""
+    from megatron_opcd.losses.diagnostics import NAMES
+
+    names = NAMES if diagnostics is not None else ()
+    # [KL sum, response tokens] then [sum, count] per diagnostic: host floats, gloo reduces them.
+    buf = torch.zeros(1 + len(names), 2, dtype=torch.float64)
     responses: list[list[int]] = []
     if examples:
-        responses = _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf, groups=groups,
-                             sampling=sampling, vocab_size=vocab_size, temperature=temperature, prefixes=prefixes)
+        responses = _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf, topk_spec=topk_spec,
+                             diagnostics=diagnostics, **kw)
     dist.all_reduce(buf)
-    return float(buf[0] / buf[1]) if buf[1] > 0 else float("nan"), responses
+    means = [float(s / c) if c > 0 else float("nan") for s, c in buf.tolist()]
+    return means[0], {n.replace(" ", "_"): v for n, v in zip(names, means[1:])}, responses
 
 
 def _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf: torch.Tensor, *, groups, sampling,
-             vocab_size: int, temperature: float, prefixes) -> list[list[int]]:
+             vocab_size: int, temperature: float, prefixes, topk_spec=None, diagnostics=None) -> list[list[int]]:
     from megatron_opcd.generation import generate, score
-    from megatron_opcd.losses import DivergenceSpec, vocab_parallel_divergence
+    from megatron_opcd.losses import DivergenceSpec, TopkStats, topk_diagnostics, vocab_parallel_divergence
 
     pairs = [renderer.pair(e.prompt, c) for e, c in zip(examples, contexts)]
     student_prompts = [p.student for p in pairs]
@@ -184,19 +198,29 @@ def _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf: tor
     if groups.is_last_stage:
         spec = DivergenceSpec(kind="reverse_kl", topk=None, temperature=temperature, vocab_size=vocab_size)
         kl = vocab_parallel_divergence(s.logits, t.logits, spec, groups.tp_group)
+        diag = {}
+        if diagnostics is not None:  # the training loss's top-k, on the same logits (every TP rank)
+            stats = TopkStats()
+            d = vocab_parallel_divergence(s.logits, t.logits, topk_spec, groups.tp_group, stats=stats)
+            diag = topk_diagnostics(s.logits, t.logits, d, stats, s.mask.bool(), topk_spec, diagnostics,
+                                    groups.tp_group)
         if groups.tp_rank == 0:
-            buf[0] = float((kl.double() * s.mask.double()).sum())
-            buf[1] = float(s.mask.double().sum())
+            buf[0, 0] = float((kl.double() * s.mask.double()).sum())
+            buf[0, 1] = float(s.mask.double().sum())
+            for i, pair in enumerate(diag.values()):
+                buf[1 + i] = pair.cpu()
     return responses
 
 
 def evaluate_heldout(*, student, teacher, tokenizer, renderer, examples: Sequence[Example], contexts, task=None,
                      step: int, **kl_kwargs) -> tuple[dict, list[dict]]:
     """(metrics, samples) of the trainer's periodic evaluation on `examples` (this DP rank's share
-    of the held-out prompts): {"kl"} from `heldout_kl`, and with a `task` {"accuracy"} of the
+    of the held-out prompts): {"kl"} from `heldout_kl`; with `topk_spec` (the training loss) and
+    `diagnostics` (a `losses.DiagnosticsSpec`) in `kl_kwargs`, that loss's top-k diagnostics
+    (topk_teacher_mass, ...) on the same responses; and with a `task` {"accuracy"} of the
     student's responses without the context; the samples {"step", "index", "prompt", "response"
     (, "score")} of every replica, in example order. The model modes are the caller's."""
-    kl, responses = heldout_kl(student, teacher, tokenizer, renderer, examples, contexts, **kl_kwargs)
+    kl, diag, responses = _heldout(student, teacher, tokenizer, renderer, examples, contexts, **kl_kwargs)
     texts = [tokenizer.decode(r) for r in responses]
     metrics = {"kl": kl}
     if task is not None:
@@ -208,4 +232,5 @@ def evaluate_heldout(*, student, teacher, tokenizer, renderer, examples: Sequenc
     else:
         samples = [{"step": step, "index": e.index, "prompt": e.prompt, "response": t} for e, t in zip(examples, texts)]
         samples, _ = gather(samples, [], kl_kwargs["groups"])
+    metrics.update(diag)  # after kl and accuracy: the console's eval line keeps its order
     return metrics, samples

@@ -102,6 +102,22 @@ class DivergenceSpec:
         return self.kind
 
 
+class TopkStats:
+    """Where the top-k forward leaves its per-token diagnostics (losses/diagnostics.py), computed
+    from what that forward already holds: both log-normalisers, both models' logits at I and the
+    teacher's largest logit (from its log-sum-exp partials). No extra pass over the vocabulary,
+    no extra collective. Pass one to `vocab_parallel_divergence(..., stats=)`."""
+
+    COLUMNS = ("teacher mass on I", "student mass outside I", "teacher argmax outside I")
+
+    def __init__(self):
+        self.chunks: list[torch.Tensor] = []
+
+    def per_token(self) -> torch.Tensor:
+        """`[T, 3]` fp64, the columns of `COLUMNS`, one row per token of the last forward."""
+        return torch.cat(self.chunks) if self.chunks else torch.zeros(0, 3, dtype=torch.float64)
+
+
 class _Scratch:
     """Reusable fp32 `[rows, cols]` buffers, one per slot, allocated once per forward / backward:
     every chunk and both models reuse them instead of allocating (and, on CPU, page-faulting) a
@@ -217,6 +233,7 @@ def _topk_index_set(zs, zt, spec, shard, scratch):
     g = shard.all_gather(torch.cat(parts + cands, dim=-1))  # [tp, c, 4 + 2 kc (x2 for union)]
     T = spec.temperature
     log_zs, log_zt = M.merge_lse(g[..., 0], g[..., 1], T), M.merge_lse(g[..., 2], g[..., 3], T)
+    teacher_max = g[..., 2].amax(dim=0)  # [c]: the teacher's largest raw logit over the real vocabulary
     g = g[..., 4:].permute(1, 0, 2)  # [c, tp, 2 kc per wanted model]
     chosen = []
     for i in range(sum(wants)):
@@ -227,7 +244,7 @@ def _topk_index_set(zs, zt, spec, shard, scratch):
         idx, valid = M.union_indices(*chosen)
     else:
         idx, valid = chosen[0], torch.ones_like(chosen[0], dtype=torch.bool)
-    return log_zs, log_zt, idx, valid
+    return log_zs, log_zt, idx, valid, teacher_max
 
 
 def _local_columns(idx, shard):
@@ -236,14 +253,24 @@ def _local_columns(idx, shard):
     return owned, (idx - shard.start).clamp(0, shard.v_local - 1)
 
 
-def _topk_forward_chunk(zs, zt, spec, shard, scratch):
-    log_zs, log_zt, idx, valid = _topk_index_set(zs, zt, spec, shard, scratch)
+def _topk_forward_chunk(zs, zt, spec, shard, scratch, stats: Optional[TopkStats] = None):
+    log_zs, log_zt, idx, valid, teacher_max = _topk_index_set(zs, zt, spec, shard, scratch)
     owned, col = _local_columns(idx, shard)
     owned &= valid
     # Both models' logits at I, assembled from their owners: [2, c, K] fp64, then scaled in fp64.
-    at = torch.stack([z.gather(-1, col) for z in (zs, zt)]).double()
-    at = shard.all_reduce_owned(at.where(owned, 0.0)) / spec.temperature
+    raw = shard.all_reduce_owned(torch.stack([z.gather(-1, col) for z in (zs, zt)]).double().where(owned, 0.0))
+    at = raw / spec.temperature
     ls, lt = at[0] - log_zs.unsqueeze(-1), at[1] - log_zt.unsqueeze(-1)  # [c, K] full-vocab log p
+    if stats is not None:
+        # Full-vocabulary masses at I (before any renormalisation), and whether the teacher's
+        # largest logit is attained inside I: raw logits are compared exactly (both are the same
+        # fp32/bf16 values widened to fp64), so this is the argmax, ties counted as inside.
+        t_in = torch.where(valid, raw[1], -_math.inf).amax(dim=-1)
+        stats.chunks.append(torch.stack([
+            torch.where(valid, lt.exp(), 0.0).sum(dim=-1),
+            1.0 - torch.where(valid, ls.exp(), 0.0).sum(dim=-1),
+            (t_in < teacher_max.double()).double(),
+        ], dim=-1))
     if spec.renormalize:
         ls, lt = M.masked_log_normalize(ls, valid), M.masked_log_normalize(lt, valid)
     kind = spec.resolved_kind
@@ -281,7 +308,7 @@ def _topk_backward_chunk(zs, saved, scale, spec, shard, out):
 
 class _VocabParallelDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, spec: DivergenceSpec, tp_group):
+    def forward(ctx, student_logits, teacher_logits, spec: DivergenceSpec, tp_group, stats=None):
         v_local = student_logits.shape[-1]
         shard = VocabShard.of(v_local, tp_group, spec.vocab_size)
         zs = student_logits.detach().reshape(-1, v_local)  # [T, v/tp]; a view for contiguous input
@@ -291,7 +318,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
         scratch = _Scratch(min(spec.chunk_tokens, zs.shape[0]), v_local, zs.device)
         for lo in range(0, zs.shape[0], spec.chunk_tokens):
             hi = lo + spec.chunk_tokens
-            value, small = chunk(zs[lo:hi], zt[lo:hi], spec, shard, scratch)
+            extra = {} if stats is None else {"stats": stats}  # top-k only (checked by the caller)
+            value, small = chunk(zs[lo:hi], zt[lo:hi], spec, shard, scratch, **extra)
             values.append(value)
             saved.append(small)
         # Per-token tensors only ([T] or [T, K]); the logits themselves are saved by reference.
@@ -321,7 +349,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 _topk_backward_chunk(zs[lo:hi], small, scale[lo:hi], spec, shard, out)
             if not fp32:
                 grad[lo:hi].copy_(out)  # cast to the input dtype
-        return grad.view(ctx.shape), None, None, None
+        return grad.view(ctx.shape), None, None, None, None
 
 
 def vocab_parallel_divergence(
@@ -329,6 +357,7 @@ def vocab_parallel_divergence(
     teacher_logits: torch.Tensor,
     spec: DivergenceSpec = DivergenceSpec(),
     tp_group: Optional[dist.ProcessGroup] = None,
+    stats: Optional[TopkStats] = None,
 ) -> torch.Tensor:
     """Per-token divergence between student and teacher, reduced across tensor-parallel ranks.
 
@@ -338,6 +367,8 @@ def vocab_parallel_divergence(
         teacher_logits: same shape; receives no gradient (it is treated as detached).
         spec: what to compute (`DivergenceSpec`'s fields say what each setting means).
         tp_group: the tensor-parallel group over which the vocabulary is sharded; None = no TP.
+        stats: top-k only: a `TopkStats` that receives the per-token diagnostics of I (cleared
+            first), the same on every rank of `tp_group`.
 
     Returns:
         `[s, b]` fp32, the same on every rank of `tp_group`, differentiable w.r.t. `student_logits`.
@@ -347,4 +378,8 @@ def vocab_parallel_divergence(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must have the same shape [s, b, v/tp]"
         )
-    return _VocabParallelDivergence.apply(student_logits, teacher_logits, spec, tp_group)
+    if stats is not None:
+        if spec.topk is None:
+            raise ValueError("stats= describes a top-k index set: the spec has topk=None (exact)")
+        stats.chunks.clear()
+    return _VocabParallelDivergence.apply(student_logits, teacher_logits, spec, tp_group, stats)

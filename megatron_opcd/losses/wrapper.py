@@ -22,7 +22,9 @@ from typing import Callable, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.losses.divergence import DivergenceSpec, vocab_parallel_divergence
+from megatron_opcd.losses.diagnostics import NAMES as DIAGNOSTIC_NAMES
+from megatron_opcd.losses.diagnostics import DiagnosticsSpec, topk_diagnostics
+from megatron_opcd.losses.divergence import DivergenceSpec, TopkStats, vocab_parallel_divergence
 
 AVERAGES = ("sequence", "token")
 
@@ -78,10 +80,20 @@ class DivergenceLoss:
     """False: logits `[s, b, v/tp]`, mask `[s, b]`; True: `[b, s, v/tp]` (GPTModel's output), mask `[b, s]`."""
     tp_group: Optional[dist.ProcessGroup] = None
     """The tensor-parallel group; None = no tensor parallelism."""
+    diagnostics: Optional[DiagnosticsSpec] = None
+    """Top-k only: also report the top-k diagnostics (losses/diagnostics.py) in the metrics; None: off."""
 
     def __post_init__(self):
         if self.average not in AVERAGES:
             raise ValueError(f"average={self.average!r}: use one of {AVERAGES}")
+        if self.diagnostics is not None and self.spec.topk is None:
+            raise ValueError("diagnostics describe a top-k loss: the spec has topk=None (exact)")
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys of the metrics dict `__call__` returns."""
+        extra = DIAGNOSTIC_NAMES if self.diagnostics is not None else ()
+        return ("distill loss", f"{self.kind} per token", *extra)
 
     @property
     def kind(self) -> str:
@@ -92,7 +104,8 @@ class DivergenceLoss:
         return vocab_parallel_divergence(student_logits, teacher_logits, self.spec, self.tp_group)
 
     def __call__(self, student_logits, teacher_logits, response_mask) -> LossOutput:
-        d = self.per_token(student_logits, teacher_logits)
+        stats = TopkStats() if self.diagnostics is not None else None
+        d = vocab_parallel_divergence(student_logits, teacher_logits, self.spec, self.tp_group, stats=stats)
         loss_sum, units = masked_sums(d, response_mask, self.average, seq_dim=1 if self.batch_first else 0)
         with torch.no_grad():
             tok_sum, tokens = masked_sums(d.detach(), response_mask, "token", seq_dim=0)
@@ -102,6 +115,9 @@ class DivergenceLoss:
             "distill loss": torch.cat([loss_sum.detach().view(1), units.view(1).to(loss_sum.dtype)]),
             f"{self.kind} per token": torch.cat([tok_sum.view(1), tokens.view(1).to(tok_sum.dtype)]),
         }
+        if stats is not None:
+            metrics.update(topk_diagnostics(student_logits, teacher_logits, d, stats, response_mask, self.spec,
+                                            self.diagnostics, self.tp_group))
         return loss_sum, units, metrics
 
 

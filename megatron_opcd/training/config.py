@@ -1,7 +1,8 @@
 """The trainer's configuration: one typed section per component (STYLE habit 6).
 
     model       the student (ModelConfig; read from checkpoint.pretrained when omitted)
-    teacher     frozen model from its own checkpoint, or `self` (the student's current weights)
+    teacher     frozen model from its own checkpoint, `self` (the student's current weights), or
+                `ema` (a moving average of the student)
     parallel    TP / PP / sequence parallelism / distributed optimizer
     data        prompt JSONL files, tokenizer, chat template, length limits
     context     what only the teacher sees: a system prompt or an experience pool
@@ -33,6 +34,7 @@ from megatron_opcd.config import (
 from megatron_opcd.envs.config import GameConfig
 from megatron_opcd.errors import ConfigError
 from megatron_opcd.generation.sampling import SamplingParams
+from megatron_opcd.losses.diagnostics import DiagnosticsSpec
 from megatron_opcd.losses.divergence import DivergenceSpec
 
 
@@ -40,9 +42,10 @@ from megatron_opcd.losses.divergence import DivergenceSpec
 class TeacherConfig:
     """The model that sees the context. `teacher: self` in YAML is short for `{mode: self}`."""
 
-    mode: Literal["frozen", "self"] = "frozen"
+    mode: Literal["frozen", "self", "ema"] = "frozen"
     """frozen: a separate frozen model (may be larger; same vocabulary). self: the student's own
-    current weights, with the context (self-distillation)."""
+    current weights, with the context (self-distillation). ema: an exponential moving average of
+    the student's weights, updated after each optimizer step (training/ema.py)."""
 
     checkpoint: Optional[str] = None
     """Checkpoint folder of the frozen teacher (tools/convert_checkpoint.py output). Required for
@@ -54,9 +57,21 @@ class TeacherConfig:
     seed: int = 4321
     """Seed of the teacher's random initialisation when no checkpoint is given (tests)."""
 
+    ema_decay: Optional[float] = None
+    """mode=ema only, and required there: d in `teacher <- d teacher + (1 - d) student` after each
+    optimizer step, in [0, 1) (0: the live student; e.g. 0.99)."""
+
     def __post_init__(self):
-        if self.mode == "self" and (self.checkpoint or self.model):
-            raise ConfigError("teacher.mode=self uses the student's weights: remove teacher.checkpoint/teacher.model")
+        if self.mode in ("self", "ema") and (self.checkpoint or self.model):
+            raise ConfigError(f"teacher.mode={self.mode} uses the student's weights: remove "
+                              "teacher.checkpoint/teacher.model")
+        if self.mode == "ema" and self.ema_decay is None:
+            raise ConfigError("teacher.mode=ema needs teacher.ema_decay (the average's decay per step, e.g. 0.99)")
+        if self.mode != "ema" and self.ema_decay is not None:
+            raise ConfigError(f"teacher.ema_decay is for teacher.mode=ema (this teacher is {self.mode}): remove it")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"teacher.ema_decay={self.ema_decay} must be in [0, 1) (1 would never move: use "
+                              "the student's initial weights as a frozen teacher)")
         if self.mode == "frozen" and not self.checkpoint and self.model is None:
             raise ConfigError(
                 "teacher.mode=frozen needs teacher.checkpoint (a converted checkpoint folder) "
@@ -171,6 +186,17 @@ class LossConfig:
     chunk_tokens: int = DivergenceSpec.chunk_tokens
     """Tokens per chunk inside the loss (bounds its extra memory)."""
 
+    diagnostics: bool = True
+    """Top-k losses: log the top-k diagnostics every step and in evaluation (docs/training.md,
+    "Top-k diagnostics"): the teacher's mass on I, the student's mass outside it, the share of
+    tokens whose teacher argmax is outside it, the top-k vs exact divergence on sampled positions."""
+
+    diagnostic_tokens: int = DiagnosticsSpec.sample_tokens
+    """Response positions per micro-batch on which the top-k value is compared with the exact one (0: none)."""
+
+    warn_teacher_mass: float = DiagnosticsSpec.warn_teacher_mass
+    """Log a warning line when the teacher's mean mass on the student's top-k falls below this (0: never)."""
+
     def __post_init__(self):
         if self.topk is not None and self.topk < 1:
             raise ConfigError(f"loss.topk={self.topk} must be >= 1, or null for the exact divergence")
@@ -178,8 +204,14 @@ class LossConfig:
             raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
         try:  # the spec's own checks (beta, chunk_tokens, ...) at load time, not on the first step
             self.build(algorithm="opcd", generation_temperature=1.0)
+            self.build_diagnostics()
         except ValueError as exc:
             raise ConfigError(f"loss.{exc}") from None
+
+    def build_diagnostics(self) -> Optional[DiagnosticsSpec]:
+        """The diagnostics this section asks for; None when off or for an exact loss (no top-k)."""
+        spec = DiagnosticsSpec(sample_tokens=self.diagnostic_tokens, warn_teacher_mass=self.warn_teacher_mass)
+        return spec if self.diagnostics and self.topk is not None else None
 
     def build(self, *, algorithm: str, generation_temperature: float,
               vocab_size: Optional[int] = None) -> DivergenceSpec:

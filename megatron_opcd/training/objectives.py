@@ -50,7 +50,7 @@ class DistillationObjective:
 
     def __init__(self, loss: DivergenceLoss):
         self.loss = loss
-        self.metric_names = ("distill loss", f"{loss.kind} per token")
+        self.metric_names = loss.metric_names  # with the top-k diagnostics' when they are on
 
     def __call__(self, student_logits, micro: MicroBatch):
         return self.loss(student_logits, micro.teacher_logits, micro.response_mask)
@@ -93,5 +93,6 @@ def build_objective(cfg, *, vocab_size: int, tp_group) -> Objective:
     """The objective a TrainConfig asks for."""
     if cfg.algorithm.name == "seqkd":
         return SequenceKDObjective(average=cfg.loss.average, vocab_size=vocab_size, tp_group=tp_group)
-    loss = DivergenceLoss(cfg.divergence(vocab_size), average=cfg.loss.average, batch_first=False, tp_group=tp_group)
+    loss = DivergenceLoss(cfg.divergence(vocab_size), average=cfg.loss.average, batch_first=False, tp_group=tp_group,
+                          diagnostics=cfg.loss.build_diagnostics())
     return DistillationObjective(loss)

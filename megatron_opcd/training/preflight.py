@@ -64,7 +64,7 @@ def teacher_config(cfg, model_config: ModelConfig, tokenizer=None) -> ModelConfi
     from megatron_opcd.models.builder import check_same_tokenizer
 
     t = cfg.teacher
-    if t.mode == "self":
+    if t.mode in ("self", "ema"):  # the student's architecture (ema: its moving average)
         return model_config
     tc = t.model or read_model_config(t.checkpoint)
     if t.model is not None and t.checkpoint:  # the architecture first: a wrong one explains the rest

@@ -155,4 +155,7 @@ class PromptSource:
         t = self.trainer
         chosen = (t.eval_examples or t.stream.examples)[:t.cfg.evaluation.num_prompts]
         mine = chosen[dp_share(len(chosen), t.groups.dp_rank, t.groups.dp_size)]  # a rank past the end gets none (10 prompts at DP = 8)
-        return evaluate_heldout(**self._eval_inputs(mine, step), task=t.eval_task, step=step)
+        loss = getattr(t.objective, "loss", None)  # a DivergenceLoss; SeqKD has none
+        diag = getattr(loss, "diagnostics", None)  # top-k losses only
+        extra = {} if diag is None else {"topk_spec": loss.spec, "diagnostics": diag}
+        return evaluate_heldout(**self._eval_inputs(mine, step), task=t.eval_task, step=step, **extra)

@@ -1,9 +1,11 @@
-"""Trainer checkpoints: the student (never the teacher), optimizer, LR schedule, RNG, data position.
+"""Trainer checkpoints: the student (never a frozen teacher; an EMA teacher's average, which is
+training state), optimizer, LR schedule, RNG, data position.
 
     RUN/opcd_run.lock    the run that owns this folder (host, pid; see RunLock)
     RUN/step_0000010/   one checkpoint (checkpointing.save_checkpoint layout) plus
         optimizer/       megatron-core optimizer sharded_state_dict (dist_checkpointing)
         rng/rank_00000.pt  per-rank RNG states (torch CPU/CUDA, megatron's tracker, python)
+        teacher_ema/model/ teacher.mode=ema only: the moving average (dist_checkpointing)
         opcd_checkpoint.json: step, data position, scheduler and optimizer settings, metrics,
                          the checksum of every file (written last)
 
@@ -48,6 +50,7 @@ from megatron_opcd.checkpointing import (
     is_checkpoint,
     load_model_weights,
     read_meta,
+    save_model_weights,
     read_model_config,
     save_checkpoint,
     tokenizer_dir,
@@ -59,6 +62,8 @@ from megatron_opcd.errors import CheckpointError, ConfigError
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 # What an interrupted save, re-save or retention leaves (AtomicCheckpointDir's and apply_retention's names).
 _LEFTOVER_RE = re.compile(r"^(step_\d{7})\.(tmp-\d+-\d+|old-\d+|del-\d+)$")
+EMA_PART = "teacher_ema"
+"""teacher.mode=ema: the moving average's weights (teacher_ema/model/), in the student's format."""
 TRAINING_PARTS = MODEL_PARTS + ("optimizer/.metadata", "rng")
 """Required in every trainer checkpoint (a checkpoint without its optimizer/ is not resumable)."""
 
@@ -503,7 +508,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_training_checkpoint(run_dir, step: int, *, model, optimizer, scheduler, model_config,
-                             data_position: int, tokenizer_dir=None, extra_meta: Optional[dict] = None) -> Path:
+                             data_position: int, tokenizer_dir=None, extra_meta: Optional[dict] = None,
+                             ema_teacher=None) -> Path:
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -523,11 +529,15 @@ def save_training_checkpoint(run_dir, step: int, *, model, optimizer, scheduler,
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), folder / f"rank_{rank:05d}.pt")
 
+    def write_ema(tmp: Path) -> None:
+        save_model_weights(ema_teacher, tmp / EMA_PART)  # the average, sharded as the student's model/
+
+    writers = (write_optimizer, write_rng) + ((write_ema,) if ema_teacher is not None else ())
     meta = {"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
             "optimizer": _optimizer_settings(optimizer),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1, **(extra_meta or {})}
     path = save_checkpoint(step_dir(run_dir, step), model, model_config, meta=meta,
-                           tokenizer_dir=tokenizer_dir, extra_writers=(write_optimizer, write_rng))
+                           tokenizer_dir=tokenizer_dir, extra_writers=writers)
     return path
 
 
@@ -561,7 +571,8 @@ def _optimizer_settings(optimizer) -> dict:
             "clip_grad": c.clip_grad}
 
 
-def load_training_checkpoint(path, *, model, optimizer, scheduler, plan: Optional[ResumePlan] = None) -> dict:
+def load_training_checkpoint(path, *, model, optimizer, scheduler, plan: Optional[ResumePlan] = None,
+                             ema_teacher=None) -> dict:
     """Restore everything `save_training_checkpoint` wrote; returns its metadata. With the `plan`
     of `check_resume` the checkpoint was verified already and its schedule choice is applied;
     without one it is verified here."""
@@ -573,6 +584,11 @@ def load_training_checkpoint(path, *, model, optimizer, scheduler, plan: Optiona
     else:
         meta = plan.meta
     load_model_weights(model, path, verify=False)
+    if ema_teacher is not None:
+        if not (path / EMA_PART / "model").is_dir():
+            raise CheckpointError(f"{path} has no {EMA_PART}/: it was not written by a teacher.mode=ema run; "
+                                  "resume with the teacher it was trained with")
+        load_model_weights(ema_teacher, path / EMA_PART, verify=False)  # the checksums were verified above
     module = unwrap(model)
     if optimizer is not None:
         try:

@@ -47,10 +47,12 @@ from megatron_opcd.data.packing import gather_response
 from megatron_opcd.data.prompts import ContextSampler, Example, PromptStream
 from megatron_opcd.errors import ConfigError, NonFiniteError
 from megatron_opcd.generation.prefix import TeacherPrefix
+from megatron_opcd.losses.diagnostics import warning_line
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.parallel import ParallelGroups, dp_share
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
+from megatron_opcd.training.ema import EMATeacher, ema_model_config
 from megatron_opcd.training.engine import (
     configure_schedule,
     forward_backward,
@@ -103,6 +105,7 @@ class Trainer:
         self.preempt = Preemption()  # SIGTERM/SIGUSR1: stop at the next safe point of the step
         self._micro_index = 0  # forward steps run in this update (safe points from the second on)
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
+        self._topk_low: dict[str, bool] = {}  # "step"/"evaluation": below loss.warn_teacher_mass last time
         self.run_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         self.run_lock = ckpt_state.lock_run_dir(self.run_dir)  # this run owns checkpoint.save, or one line
         self.resume = ckpt_state.check_resume(cfg)  # files only, before any model is built
@@ -120,6 +123,7 @@ class Trainer:
         resume_from = self._resume_path()
         if resume_from is None and pretrained:
             load_model_weights(student, pretrained)
+        self._student_module = student  # the EMA teacher's source, before DDP wraps it
         self.teacher = self._build_teacher()
         self.ddp = wrap_ddp(student, groups, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         configure_schedule([self.ddp], groups)
@@ -145,7 +149,8 @@ class Trainer:
         self.log_dir = Path(log_dir or cfg.logging.dir or cfg.checkpoint.save or "runs/opcd")
         if resume_from is not None:
             meta = ckpt_state.load_training_checkpoint(resume_from, model=self.ddp, optimizer=self.optimizer,
-                                                       scheduler=self.scheduler, plan=self.resume)
+                                                       scheduler=self.scheduler, plan=self.resume,
+                                                       ema_teacher=self.teacher if self.ema is not None else None)
             self.step = self._saved_step = int(meta["step"])
             self.stream.position = int(meta["data_position"])
         self.logger = MetricsLogger(
@@ -185,9 +190,17 @@ class Trainer:
 
     def _build_teacher(self):
         t = self.cfg.teacher
+        self.ema = None
         if t.mode == "self":
             self.teacher_config = self.model_config
             return None
+        if t.mode == "ema":
+            # The student's architecture on the student's groups (its sharding), fp32, starting from
+            # the student's current weights (a resume then loads the saved average over them).
+            self.teacher_config = ema_model_config(self.model_config)
+            teacher = build_model(self.teacher_config, "teacher", groups=self.groups, seed=t.seed, init=True)
+            self.ema = EMATeacher(self._student_module, teacher, t.ema_decay)
+            return teacher
         self.teacher_config = t.model or read_model_config(t.checkpoint)
         if t.model is not None and t.checkpoint:
             check_matches_checkpoint(t.model, read_model_config(t.checkpoint), t.checkpoint, role="teacher.model")
@@ -327,6 +340,9 @@ class Trainer:
             self.prefixes.clear()  # teacher: self -- the step changed its weights, its cached prefixes are stale
         if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
             return self._skip(result, f"optimizer refused the step (grad norm {grad_norm})")
+        if self.ema is not None:
+            self.ema.update()  # after the applied step only: a skipped one moves neither model
+            self.prefixes.clear()  # the average moved: its cached prefixes are stale
         self.scheduler.step(increment=1)
         self.consecutive_skips = 0
         result.metrics.update({k: v for k, v in sums.items()})
@@ -409,7 +425,19 @@ class Trainer:
         if "reverse_kl" in result.metrics or "forward_kl" in result.metrics or "jsd" in result.metrics:
             result.metrics["kl"] = result.metrics.get(self.cfg.loss_kind, float("nan"))
         result.metrics.update(self.source.metrics(rollout))
+        self._warn_topk(result.metrics, f"step {step}")
         return result
+
+    def _warn_topk(self, metrics: dict, where: str) -> None:
+        """The top-k diagnostics' warning line (losses/diagnostics.py) when the teacher's mass falls below
+        the threshold: once per fall, not every step while it stays low (the metric itself is logged
+        every step); again if it recovers and falls again. Training and evaluation each keep their own."""
+        diag = getattr(getattr(self.objective, "loss", None), "diagnostics", None)  # top-k losses only
+        line = warning_line(metrics, diag, where) if diag is not None else None
+        kind = where.split()[0]  # "step 3" / "evaluation at step 4": one state per kind
+        if line and not self._topk_low.get(kind):
+            self.logger.info(line + " (said once while it stays below)")
+        self._topk_low[kind] = bool(line)
 
     def save(self) -> Optional[Path]:
         if self.run_dir is None:
@@ -417,7 +445,7 @@ class Trainer:
         path = ckpt_state.save_training_checkpoint(
             self.run_dir, self.step, model=self.ddp, optimizer=self.optimizer, scheduler=self.scheduler,
             model_config=self.model_config, data_position=self.stream.position,
-            tokenizer_dir=self.tokenizer_source,
+            tokenizer_dir=self.tokenizer_source, ema_teacher=self.teacher if self.ema is not None else None,
         )
         ckpt_state.apply_retention(self.run_dir, self.cfg.checkpoint.keep_last)
         self._saved_step = self.step
@@ -434,6 +462,7 @@ class Trainer:
         finally:
             self.student.train(was_training)
         self.logger.log(step, metrics, prefix="eval")
+        self._warn_topk(metrics, f"evaluation at step {step}")
         self.logger.samples(samples)
         return metrics
 

@@ -316,9 +316,9 @@ class _VocabParallelDivergence(torch.autograd.Function):
         chunk = _exact_forward_chunk if spec.topk is None else _topk_forward_chunk
         values, saved = [], []
         scratch = _Scratch(min(spec.chunk_tokens, zs.shape[0]), v_local, zs.device)
+        extra = {} if stats is None else {"stats": stats}  # top-k only (checked by the caller)
         for lo in range(0, zs.shape[0], spec.chunk_tokens):
             hi = lo + spec.chunk_tokens
-            extra = {} if stats is None else {"stats": stats}  # top-k only (checked by the caller)
             value, small = chunk(zs[lo:hi], zt[lo:hi], spec, shard, scratch, **extra)
             values.append(value)
             saved.append(small)

@@ -105,3 +105,79 @@ def merge(results: list[dict]) -> dict:
 def many_moe_layouts(runs: list[dict]) -> list[dict]:
     """Several layout runs in one launch (process start-up is the expensive part on 2 cores)."""
     return [moe_layout_run(**kw) for kw in runs]
+
+
+PROMPTS = [[5, 17, 33, 2, 70], [9, 8], [44, 45, 46, 47]]
+
+
+def moe_generation(ep: int = 1, empty_rank: int | None = None, max_new_tokens: int = 6) -> dict:
+    """Greedy generation with the KV cache and with full recomputation (use_cache=False) of the
+    tiny MoE model at EP `ep`; the DP rank `empty_rank` has no prompts (it must still take part
+    in the experts' all-to-alls). Also the rows each decode step sent through the experts, summed
+    over the EP group: few rows, few tokens, no padding to a capacity."""
+    from megatron_opcd import parallel
+    from megatron_opcd.config import ModelConfig, ParallelConfig
+    from megatron_opcd.generation import SamplingParams, generate
+    from megatron_opcd.models import build_model
+
+    groups = parallel.initialize(ParallelConfig(expert_model_parallel_size=ep))
+    cfg = ModelConfig(**TINY_MOE)
+    model = build_model(cfg, groups=groups, seed=7)
+    prompts = [] if groups.dp_rank == empty_rank else PROMPTS
+    rows = []  # per experts call (one per MoE layer and forward): rows this rank's experts got
+
+    def count(_module, args, _output):
+        rows.append(int(args[0].shape[0]))
+
+    hooks = [layer.mlp.experts.register_forward_hook(count) for layer in model.decoder.layers]
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    cached = generate(model, prompts, params, groups=groups, vocab_size=cfg.vocab_size)
+    cached_rows = list(rows)
+    full = generate(model, prompts, params, groups=groups, vocab_size=cfg.vocab_size, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {"cached": (cached.responses, cached.logprobs), "full": (full.responses, full.logprobs),
+            "rows": cached_rows, "dp_rank": groups.dp_rank}
+
+
+def moe_suite(layouts: list[dict], generation: list[dict] = ()) -> dict:
+    """Layout runs and generation runs in one launch."""
+    return {"layouts": many_moe_layouts(layouts), "generation": [moe_generation(**kw) for kw in generation]}
+
+
+def moe_train_steps(cases: list[tuple[str, list[str]]], steps: int = 1) -> list[dict]:
+    """Whole-trainer steps for several cases (config file, overrides) in one launch: per case the
+    logged metrics of each step and this rank's share of one copy of the student's full weights
+    after them (`join_weights` joins the ranks')."""
+    from megatron_opcd import parallel
+    from megatron_opcd.models.sharding import is_expert_parameter
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.trainer import Trainer
+
+    out = []
+    for config_path, overrides in cases:
+        cfg = load_train_config(config_path, overrides)
+        groups = parallel.initialize(cfg.parallel)
+        trainer = Trainer(cfg, groups)
+        teacher_aux = trainer.teacher.config.moe_aux_loss_coeff if trainer.teacher is not None else None
+        history = [trainer.train_step().metrics for _ in range(steps)]
+        weights = full_tensors(trainer.student, groups, grads=False)
+        # One copy of each: dense weights from DP rank 0's TP rank 0; experts (each EP rank holds
+        # its own) from expert-TP rank 0 of the first expert-data-parallel replica.
+        edp_rank = torch.distributed.get_rank(groups.expert_dp_group) if groups.expert_dp_group is not None else 0
+        mine = {n: w for n, w in weights.items()
+                if (is_expert_parameter(n) and groups.expert_tp_rank == 0 and edp_rank == 0)
+                or (not is_expert_parameter(n) and groups.tp_rank == 0 and groups.dp_rank == 0)}
+        out.append({"metrics": history, "weights": mine, "teacher_aux": teacher_aux,
+                    "student_aux": trainer.student.config.moe_aux_loss_coeff})
+        trainer.logger.close()
+    parallel.destroy()
+    return out
+
+
+def join_weights(ranks: list[dict]) -> dict:
+    weights = {}
+    for r in ranks:
+        for name, w in r["weights"].items():
+            weights.setdefault(name, w)
+    return weights

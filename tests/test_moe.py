@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _moe_ranks import TINY_MOE, many_moe_layouts, merge
+from _moe_ranks import PROMPTS, TINY_MOE, merge, moe_suite
 from _numerics import assert_f32_close
 from megatron_opcd.config import ModelConfig, ParallelConfig
 from megatron_opcd.errors import ConfigError
@@ -20,14 +20,16 @@ from megatron_opcd.errors import ConfigError
 @pytest.fixture(scope="module")
 def layouts(run_ranks, tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("moe_ckpt") / "ep2")
-    two = run_ranks(many_moe_layouts, 2, [
+    two = run_ranks(moe_suite, 2, [
         dict(ep=2, save_dir=ckpt),
         dict(tp=2, ep=2, etp=1, sp=True),  # megatron's MoE layer trains under TP only with SP
         dict(pp=2),
         dict(ep=2, load_dir=ckpt),
-    ], timeout=400)
-    one = run_ranks(many_moe_layouts, 1, [dict(), dict(load_dir=ckpt)], timeout=300)
-    return {
+    ], [dict(ep=2, empty_rank=1)], timeout=400)
+    one = run_ranks(moe_suite, 1, [dict(), dict(load_dir=ckpt)], [dict()], timeout=300)
+    gen = {"ep2": two[0]["generation"][0], "ep2_empty": two[1]["generation"][0], "ep1": one[0]["generation"][0]}
+    two, one = [r["layouts"] for r in two], [r["layouts"] for r in one]
+    return {"generation": gen,
         "ep2": merge([r[0] for r in two]),
         "tp2ep2": merge([r[1] for r in two]),
         "pp2": merge([r[2] for r in two]),
@@ -159,3 +161,28 @@ def test_moe_config_is_checked():
         ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2).check_world_size(2)
     ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
                    expert_tensor_parallel_size=1).check_world_size(2)
+
+
+def test_moe_kv_cache_greedy_equals_full_recompute(layouts):
+    """Greedy decoding through the KV-cache loop gives the tokens of full recomputation, with
+    log-probs within float32 rounding, at EP1 and at EP2 (where the other EP rank has no prompts
+    and decodes a throw-away row in lockstep: without it the experts' all-to-all would hang)."""
+    gen = layouts["generation"]
+    for run in (gen["ep1"], gen["ep2"]):
+        (cached, cached_lp), (full, full_lp) = run["cached"], run["full"]
+        assert len(cached) == len(PROMPTS) and all(len(r) == 6 for r in cached)
+        assert cached == full
+        for a, b in zip(cached_lp, full_lp):
+            assert_f32_close(torch.tensor(a), torch.tensor(b), rel=1e-5)
+    assert gen["ep2"]["cached"] == gen["ep1"]["cached"]  # the same model at EP2
+    assert gen["ep2_empty"]["cached"] == ([], [])
+
+
+def test_moe_decode_routes_only_the_rows_it_has(layouts):
+    """Each decode step sends rows x top-k tokens through a layer's experts (3 x 2 = 6), not a
+    capacity's worth: no capacity factor, no padding."""
+    rows = layouts["generation"]["ep1"]["rows"]
+    layers, k = TINY_MOE["num_layers"], TINY_MOE["moe_router_topk"]
+    prefill, decode = rows[:layers], rows[layers:]
+    assert prefill[0] == len(PROMPTS) * max(map(len, PROMPTS)) * k  # the padded prompt block
+    assert len(decode) == layers * 5 and set(decode) == {len(PROMPTS) * k}  # 5 decode forwards after the prefill

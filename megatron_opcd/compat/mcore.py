@@ -54,7 +54,8 @@ ASSUMPTIONS = {
     "moe_anatomy": "get_gpt_layer_local_spec(num_experts=n) gives an mlp whose submodules are MoESubmodules "
                    "(experts, shared_experts) with no linear_fc1; the built MoELayer has router (weight "
                    "[experts, hidden]) and experts.local_experts[i].{linear_fc1, linear_fc2} (SequentialMLP), "
-                   "the local expert i being global expert ep_rank * num_local_experts + i",
+                   "the local expert i being global expert ep_rank * num_local_experts + i; router(hidden) returns "
+                   "(probs, routing_map [tokens, experts]) and router.gating(hidden) the logits",
     # DistributedDataParallel (distributed/distributed_data_parallel.py, param_and_grad_buffer.py)
     "ddp_grad_buffers": "DistributedDataParallel accumulates gradients into param.main_grad and clears them "
                         "with zero_grad_buffer()",
@@ -149,6 +150,16 @@ def attention_cores(module):
     """(layer_number, core_attention module) per layer of this stage (assumption layer_anatomy)."""
     for layer in module.decoder.layers:
         yield layer.self_attention.layer_number, layer.self_attention.core_attention
+
+
+def moe_routers(module):
+    """(layer_number, router) per mixture-of-experts layer of this stage (assumption moe_anatomy:
+    `layer.mlp.router`, called as router(hidden) -> (probs, routing_map [tokens, experts]), with
+    `router.gating(hidden)` -> logits [tokens, experts])."""
+    for layer in module.decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is not None:
+            yield layer.layer_number, router
 
 
 def local_linear_classes() -> tuple[type, type]:

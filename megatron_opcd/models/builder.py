@@ -6,6 +6,7 @@ The teacher is frozen: eval mode, `requires_grad=False`, never given to an optim
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Optional
 
 import torch
@@ -79,6 +80,10 @@ def transformer_config(model: ModelConfig, groups: ParallelGroups, *, perform_in
         attention_backend=AttnBackend.auto if model.transformer_impl == "transformer_engine" else AttnBackend.local,
         # Prompt and response lengths change from batch to batch: let the pipeline send shapes.
         variable_seq_lengths=True,
+        # The project's loss contract (engine.wrap_ddp, configure_schedule set it again): set at
+        # build time because megatron's MoE router reads it once, in its constructor, to scale
+        # the load-balancing loss by the micro-batch's tokens.
+        calculate_per_token_loss=True,
         # alltoall: the MoE dispatcher (gloo has all_to_all_single), and the one that accepts
         # variable_seq_lengths; dense models set it only for that check.
         moe_token_dispatcher_type="alltoall",
@@ -148,6 +153,10 @@ def build_model(
         role="model" if role == "student" else "teacher",
     )
     check_runtime(model_config, role="model" if role == "student" else "teacher")
+    if role == "teacher" and model_config.moe_aux_loss_coeff:
+        # A frozen teacher is never trained: no load-balancing loss (its router runs under no_grad
+        # anyway; this keeps megatron from even setting one up).
+        model_config = dataclasses.replace(model_config, moe_aux_loss_coeff=0.0)
     config = transformer_config(model_config, groups)
     spec = layer_spec(
         model_config,

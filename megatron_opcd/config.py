@@ -510,9 +510,10 @@ class ModelConfig:
 
     def check_parallel(self, parallel: "ParallelConfig", role: str = "model", *,
                        tp_name: str = "parallel.tensor_model_parallel_size",
-                       pp_name: str = "parallel.pipeline_model_parallel_size") -> None:
+                       pp_name: str = "parallel.pipeline_model_parallel_size", trained: bool = False) -> None:
         """Reject splits this model cannot take; `role` names the config section in messages and
-        `tp_name`/`pp_name` the setting (a CLI passes its own flags, e.g. `--tp`)."""
+        `tp_name`/`pp_name` the setting (a CLI passes its own flags, e.g. `--tp`). `trained`: the
+        model will be trained (the student), which an MoE model under TP can only with SP."""
         tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
         sizes = f"; TP sizes this model takes: {', '.join(map(str, self.tp_sizes()))}"
         for field_name, value in (("num_attention_heads", self.num_attention_heads),
@@ -526,7 +527,7 @@ class ModelConfig:
             )
         if not self.is_moe:
             return  # EP does not touch a dense model (e.g. a dense student beside an MoE teacher)
-        if tp > 1 and not parallel.sequence_parallel:
+        if trained and tp > 1 and not parallel.sequence_parallel:
             # megatron-core's MoELayer refuses to train under TP without SP (moe_layer.py: "performance
             # may degrade"): the dispatcher expects each TP rank to hold its own slice of the tokens.
             raise ConfigError(f"{role}.num_experts is set and {tp_name}={tp}: megatron-core's MoE layer needs "

@@ -110,9 +110,9 @@ def many_moe_layouts(runs: list[dict]) -> list[dict]:
 PROMPTS = [[5, 17, 33, 2, 70], [9, 8], [44, 45, 46, 47]]
 
 
-def moe_generation(ep: int = 1, empty_rank: int | None = None, max_new_tokens: int = 6) -> dict:
+def moe_generation(ep: int = 1, tp: int = 1, empty_rank: int | None = None, max_new_tokens: int = 6) -> dict:
     """Greedy generation with the KV cache and with full recomputation (use_cache=False) of the
-    tiny MoE model at EP `ep`; the DP rank `empty_rank` has no prompts (it must still take part
+    tiny MoE model at EP `ep` and TP `tp` (no SP: a model that only generates, e.g. a teacher); the DP rank `empty_rank` has no prompts (it must still take part
     in the experts' all-to-alls). Also the rows each decode step sent through the experts, summed
     over the EP group: few rows, few tokens, no padding to a capacity."""
     from megatron_opcd import parallel
@@ -120,7 +120,7 @@ def moe_generation(ep: int = 1, empty_rank: int | None = None, max_new_tokens: i
     from megatron_opcd.generation import SamplingParams, generate
     from megatron_opcd.models import build_model
 
-    groups = parallel.initialize(ParallelConfig(expert_model_parallel_size=ep))
+    groups = parallel.initialize(ParallelConfig(expert_model_parallel_size=ep, tensor_model_parallel_size=tp))
     cfg = ModelConfig(**TINY_MOE)
     model = build_model(cfg, groups=groups, seed=7)
     prompts = [] if groups.dp_rank == empty_rank else PROMPTS

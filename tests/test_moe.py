@@ -25,9 +25,10 @@ def layouts(run_ranks, tmp_path_factory):
         dict(tp=2, ep=2, etp=1, sp=True),  # megatron's MoE layer trains under TP only with SP
         dict(pp=2),
         dict(ep=2, load_dir=ckpt),
-    ], [dict(ep=2, empty_rank=1)], timeout=400)
+    ], [dict(ep=2, empty_rank=1), dict(tp=2)], timeout=400)
     one = run_ranks(moe_suite, 1, [dict(), dict(load_dir=ckpt)], [dict()], timeout=300)
-    gen = {"ep2": two[0]["generation"][0], "ep2_empty": two[1]["generation"][0], "ep1": one[0]["generation"][0]}
+    gen = {"ep2": two[0]["generation"][0], "ep2_empty": two[1]["generation"][0], "ep1": one[0]["generation"][0],
+           "tp2": two[0]["generation"][1]}
     two, one = [r["layouts"] for r in two], [r["layouts"] for r in one]
     return {"generation": gen,
         "ep2": merge([r[0] for r in two]),
@@ -156,7 +157,8 @@ def test_moe_config_is_checked():
         cfg.check_parallel(ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=32))
     ModelConfig(num_layers=2).check_parallel(ParallelConfig(expert_model_parallel_size=2))  # dense: untouched
     with pytest.raises(ConfigError, match="set parallel.sequence_parallel=true"):
-        cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=2))
+        cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=2), trained=True)
+    cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=2))  # not trained (a teacher, generation): fine
     with pytest.raises(ConfigError, match="does not divide the 2 ranks of a pipeline stage"):
         ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2).check_world_size(2)
     ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
@@ -165,16 +167,19 @@ def test_moe_config_is_checked():
 
 def test_moe_kv_cache_greedy_equals_full_recompute(layouts):
     """Greedy decoding through the KV-cache loop gives the tokens of full recomputation, with
-    log-probs within float32 rounding, at EP1 and at EP2 (where the other EP rank has no prompts
+    log-probs within float32 rounding, at EP1, at TP2 and at EP2 (where the other EP rank has no prompts
     and decodes a throw-away row in lockstep: without it the experts' all-to-all would hang)."""
     gen = layouts["generation"]
-    for run in (gen["ep1"], gen["ep2"]):
+    for run in (gen["ep1"], gen["ep2"], gen["tp2"]):
         (cached, cached_lp), (full, full_lp) = run["cached"], run["full"]
         assert len(cached) == len(PROMPTS) and all(len(r) == 6 for r in cached)
         assert cached == full
         for a, b in zip(cached_lp, full_lp):
             assert_f32_close(torch.tensor(a), torch.tensor(b), rel=1e-5)
-    assert gen["ep2"]["cached"] == gen["ep1"]["cached"]  # the same model at EP2
+    assert gen["ep2"]["cached"][0] == gen["ep1"]["cached"][0]  # the same model at EP2
+    assert gen["tp2"]["cached"][0] == gen["ep1"]["cached"][0]  # and at TP2 (expert TP 2) without SP
+    for a, b in zip(gen["tp2"]["cached"][1], gen["ep1"]["cached"][1]):
+        assert_f32_close(torch.tensor(a), torch.tensor(b), rel=1e-5)
     assert gen["ep2_empty"]["cached"] == ([], [])
 
 

@@ -98,3 +98,21 @@ def test_moe_metrics_and_aux_loss(runs):
     moved = (runs["student_aux"]["weights"][router] - runs["student_ep1"]["weights"][router]).abs().max()
     assert moved > 1e-6, "the aux loss did not reach the router's update"
     assert runs["student_aux"]["metrics"][0]["loss"] == pytest.approx(m["loss"], rel=1e-6)  # logged loss: the distillation loss
+
+
+def test_expert_lockstep_refuses_what_would_hang(tmp_path):
+    """Under EP an MoE model's ranks must make the same forwards: per-row contexts, games and an
+    evaluation that does not split over DP are one-line ConfigErrors (a dense model, or EP 1, passes)."""
+    from megatron_opcd.errors import ConfigError
+    from megatron_opcd.training.config import load_train_config
+    from megatron_opcd.training.preflight import check_expert_lockstep
+
+    cfg = load_train_config(str(make_run(tmp_path, steps=1)), ["evaluation.interval=1"])
+    check_expert_lockstep(cfg, dp_size=2, ep_size=2, moe=True, num_eval=4)
+    check_expert_lockstep(cfg, dp_size=2, ep_size=2, moe=False, num_eval=3)
+    check_expert_lockstep(cfg, dp_size=2, ep_size=1, moe=True, num_eval=3)
+    with pytest.raises(ConfigError, match="set evaluation.num_prompts to a multiple of 2"):
+        check_expert_lockstep(cfg, dp_size=2, ep_size=2, moe=True, num_eval=3)
+    cfg.context.selection = "random"
+    with pytest.raises(ConfigError, match="needs context.selection=fixed"):
+        check_expert_lockstep(cfg, dp_size=2, ep_size=2, moe=True, num_eval=4)

@@ -235,7 +235,7 @@ def expert_lockstep_group(model, groups: ParallelGroups):
     their outputs dropped, as within one batch), and a rank without prompts still decodes a
     throw-away row. Few rows per step route few tokens: no capacity, no padding."""
     config = getattr(model, "config", None)
-    if groups.ep_size > 1 and getattr(config, "num_moe_experts", None):
+    if getattr(groups, "ep_size", 1) > 1 and getattr(config, "num_moe_experts", None):
         return groups.ep_group
     return None
 

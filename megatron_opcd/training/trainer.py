@@ -116,7 +116,7 @@ class Trainer:
         self.model_config: ModelConfig = cfg.model or read_model_config(pretrained)
         if cfg.model is not None and pretrained:
             check_matches_checkpoint(cfg.model, read_model_config(pretrained), pretrained)
-        self.model_config.check_parallel(cfg.parallel, role="model")
+        self.model_config.check_parallel(cfg.parallel, role="model", trained=True)
         self.tokenizer = self._load_tokenizer()
         # Every check that needs no model, before any model is built (training/preflight.py).
         checked = preflight(cfg, groups, model_config=self.model_config, tokenizer=self.tokenizer, rank=self.rank)

@@ -395,6 +395,29 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     """Dropout on the residual branches (0 for distillation)."""
 
+    num_experts: Optional[int] = None
+    """Routed experts of every layer's mixture-of-experts MLP (Qwen3-MoE: every layer is MoE);
+    null means a dense MLP. Built with megatron-core's MoELayer (router, experts, all-to-all
+    token dispatcher); the experts split over parallel.expert_model_parallel_size ranks."""
+
+    moe_router_topk: int = 2
+    """Experts each token is routed to (HF's num_experts_per_tok)."""
+
+    moe_ffn_hidden_size: Optional[int] = None
+    """FFN width of one expert (per gate for SwiGLU; HF's moe_intermediate_size); required with num_experts."""
+
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """FFN width of the shared expert every token also goes through (null: none, as in Qwen3-MoE)."""
+
+    moe_norm_topk_prob: bool = True
+    """Qwen3-MoE's norm_topk_prob: the top-k weights are renormalised to sum to 1 (softmax over the
+    top-k logits, which equals softmax over all experts renormalised over the top k); false keeps
+    the top-k probabilities of the softmax over all experts (megatron's pre-softmax routing)."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of megatron's load-balancing auxiliary loss (0: off). Trained models only: a frozen
+    teacher never adds it."""
+
     def __post_init__(self):
         positive = ["num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"]
         for name in positive:
@@ -419,6 +442,28 @@ class ModelConfig:
             )
         if not 0.0 <= self.attention_dropout < 1.0 or not 0.0 <= self.hidden_dropout < 1.0:
             raise ConfigError("model.attention_dropout and model.hidden_dropout must be in [0, 1)")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_experts is None:
+            return
+        if self.num_experts < 1:
+            raise ConfigError(f"model.num_experts must be positive (or null for a dense MLP), got {self.num_experts}")
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ConfigError(f"model.moe_router_topk={self.moe_router_topk} must be in [1, model.num_experts="
+                              f"{self.num_experts}]")
+        if self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size <= 0:
+            raise ConfigError("model.num_experts is set: set model.moe_ffn_hidden_size (one expert's FFN width, "
+                              "HF's moe_intermediate_size) to a positive integer")
+        shared = self.moe_shared_expert_intermediate_size
+        if shared is not None and shared <= 0:
+            raise ConfigError(f"model.moe_shared_expert_intermediate_size must be positive or null, got {shared}")
+        if self.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0 (0 turns it off), got {self.moe_aux_loss_coeff}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
 
     @property
     def query_groups(self) -> int:
@@ -446,7 +491,18 @@ class ModelConfig:
     def tp_sizes(self) -> list[int]:
         """Tensor-parallel sizes this model can take (they divide the heads, query groups and FFN)."""
         return [t for t in range(1, self.num_attention_heads + 1)
-                if not (self.num_attention_heads % t or self.query_groups % t or self.ffn_size % t)]
+                if not (self.num_attention_heads % t or self.query_groups % t or self.ffn_size % t
+                        or any(size % t for size in self._moe_widths()))]
+
+    def _moe_widths(self) -> list[int]:
+        """The MoE FFN widths that TP splits (the experts' under expert TP = TP, the shared expert's)."""
+        if not self.is_moe:
+            return []
+        return [self.moe_ffn_hidden_size] + [w for w in (self.moe_shared_expert_intermediate_size,) if w]
+
+    def ep_sizes(self) -> list[int]:
+        """Expert-parallel sizes this model can take (they divide the experts)."""
+        return [e for e in range(1, (self.num_experts or 1) + 1) if not (self.num_experts or 1) % e]
 
     def pp_sizes(self) -> list[int]:
         """Pipeline-parallel sizes this model can take (they divide the layers)."""
@@ -454,9 +510,10 @@ class ModelConfig:
 
     def check_parallel(self, parallel: "ParallelConfig", role: str = "model", *,
                        tp_name: str = "parallel.tensor_model_parallel_size",
-                       pp_name: str = "parallel.pipeline_model_parallel_size") -> None:
+                       pp_name: str = "parallel.pipeline_model_parallel_size", trained: bool = False) -> None:
         """Reject splits this model cannot take; `role` names the config section in messages and
-        `tp_name`/`pp_name` the setting (a CLI passes its own flags, e.g. `--tp`)."""
+        `tp_name`/`pp_name` the setting (a CLI passes its own flags, e.g. `--tp`). `trained`: the
+        model will be trained (the student), which an MoE model under TP can only with SP."""
         tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
         sizes = f"; TP sizes this model takes: {', '.join(map(str, self.tp_sizes()))}"
         for field_name, value in (("num_attention_heads", self.num_attention_heads),
@@ -468,6 +525,25 @@ class ModelConfig:
                 f"{role}.num_layers={self.num_layers} is not divisible by {pp_name}={pp}; "
                 f"PP sizes this model takes: {', '.join(map(str, self.pp_sizes()))}"
             )
+        if not self.is_moe:
+            return  # EP does not touch a dense model (e.g. a dense student beside an MoE teacher)
+        if trained and tp > 1 and not parallel.sequence_parallel:
+            # megatron-core's MoELayer refuses to train under TP without SP (moe_layer.py: "performance
+            # may degrade"): the dispatcher expects each TP rank to hold its own slice of the tokens.
+            raise ConfigError(f"{role}.num_experts is set and {tp_name}={tp}: megatron-core's MoE layer needs "
+                              "sequence parallelism with TP; set parallel.sequence_parallel=true")
+        ep, etp = parallel.expert_model_parallel_size, parallel.expert_tp_size
+        if self.num_experts % ep:
+            raise ConfigError(f"{role}.num_experts={self.num_experts} is not divisible by "
+                              f"parallel.expert_model_parallel_size={ep}; EP sizes this model takes: "
+                              f"{', '.join(map(str, self.ep_sizes()))}")
+        if self.moe_ffn_hidden_size % etp:
+            raise ConfigError(f"{role}.moe_ffn_hidden_size={self.moe_ffn_hidden_size} is not divisible by the "
+                              f"expert tensor-parallel size {etp}; set parallel.expert_tensor_parallel_size to a "
+                              "divisor of it")
+        shared = self.moe_shared_expert_intermediate_size
+        if shared and shared % tp:
+            raise ConfigError(f"{role}.moe_shared_expert_intermediate_size={shared} is not divisible by {tp_name}={tp}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,10 +575,23 @@ class ParallelConfig:
     seed: int = 1234
     """Base seed for the model-parallel RNG states (megatron's model_parallel_cuda_manual_seed)."""
 
+    expert_model_parallel_size: int = 1
+    """Ranks that split the experts of mixture-of-experts layers (EP). megatron-core lays the expert
+    groups over the data-parallel x tensor-parallel ranks of a pipeline stage: EP x expert TP must
+    divide DP x TP. Dense layers and attention are unaffected."""
+
+    expert_tensor_parallel_size: Optional[int] = None
+    """Ranks that split each expert's weights (expert TP); null means the tensor-parallel size
+    (megatron-core's default)."""
+
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes",
+                     "expert_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
+            raise ConfigError(f"parallel.expert_tensor_parallel_size must be >= 1 or null (= TP), got "
+                              f"{self.expert_tensor_parallel_size}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError(
                 "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1; "
@@ -517,6 +606,22 @@ class ParallelConfig:
                 f"pipeline_model_parallel_size = {self.tensor_model_parallel_size} x "
                 f"{self.pipeline_model_parallel_size}; launch a multiple of {mp} ranks"
             )
+        # megatron-core's expert grid: per pipeline stage, the world/PP ranks split into
+        # expert TP x EP x expert DP, so EP x expert TP must divide DP x TP (initialize_model_parallel).
+        per_stage = world_size // self.pipeline_model_parallel_size
+        expert_mp = self.expert_model_parallel_size * self.expert_tp_size
+        if per_stage % expert_mp:
+            raise ConfigError(
+                f"expert_model_parallel_size x expert tensor-parallel size = {self.expert_model_parallel_size} x "
+                f"{self.expert_tp_size} does not divide the {per_stage} ranks of a pipeline stage (world size "
+                f"{world_size} / pipeline_model_parallel_size {self.pipeline_model_parallel_size}); lower "
+                "parallel.expert_model_parallel_size or launch more ranks"
+            )
+
+    @property
+    def expert_tp_size(self) -> int:
+        """Expert tensor-parallel size: expert_tensor_parallel_size, or TP where it is null."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
 
 __all__ = [

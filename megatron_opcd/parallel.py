@@ -1,7 +1,7 @@
 """The only module that touches megatron.core.parallel_state.
 
 `initialize()` starts torch.distributed (NCCL with CUDA, gloo without), megatron's parallel state
-for TP / PP / DP (and sequence parallelism, which is a model option), seeds the model-parallel
+for TP / PP / DP / EP (and sequence parallelism, which is a model option), seeds the model-parallel
 RNG states, and returns a `ParallelGroups`: the explicit process groups and ranks that the rest
 of the code takes as arguments (STYLE habit 1). `destroy()` tears it all down. On a host without
 CUDA the caller opts into CPU mode first (`megatron_opcd.compat.enable_cpu()`); `initialize` says
@@ -40,6 +40,17 @@ class ParallelGroups:
     pp_last_global_rank: int
     pg_collection: object = None
     """megatron.core.process_groups_config.ProcessGroupCollection of the same groups."""
+    ep_group: Optional[dist.ProcessGroup] = None
+    """Expert-parallel group: the ranks that split the experts of an MoE layer (None: no EP)."""
+    ep_rank: int = 0
+    ep_size: int = 1
+    expert_tp_group: Optional[dist.ProcessGroup] = None
+    """Expert tensor-parallel group: the ranks that split each expert's weights."""
+    expert_tp_rank: int = 0
+    expert_tp_size: int = 1
+    expert_dp_group: Optional[dist.ProcessGroup] = None
+    """Expert data-parallel group: the replicas of this rank's experts (their gradients are reduced over it)."""
+    expert_dp_size: int = 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -89,6 +100,8 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
         # gloo groups are only needed by the distributed optimizer's CPU-side checkpointing.
         create_gloo_process_groups=parallel.use_distributed_optimizer,
@@ -98,7 +111,8 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: Optional[int] = 
     _GROUPS = _collect(parallel)
     if dist.get_rank() == 0 and not _announced():
         print(f"[megatron-opcd] {dist.get_world_size()} rank(s), backend {dist.get_backend()}, "
-              f"TP={_GROUPS.tp_size} PP={_GROUPS.pp_size} DP={_GROUPS.dp_size}; megatron-core {_mcore_version()}; "
+              f"TP={_GROUPS.tp_size} PP={_GROUPS.pp_size} DP={_GROUPS.dp_size}"
+              f"{f' EP={_GROUPS.ep_size}' if _GROUPS.ep_size > 1 else ''}; megatron-core {_mcore_version()}; "
               f"{_implementations()}", flush=True)
     return _GROUPS
 
@@ -185,6 +199,14 @@ def _collect(parallel: ParallelConfig) -> ParallelGroups:
         sequence_parallel=parallel.sequence_parallel,
         pp_last_global_rank=ps.get_pipeline_model_parallel_last_rank(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        expert_tp_group=ps.get_expert_tensor_parallel_group(),
+        expert_tp_rank=ps.get_expert_tensor_parallel_rank(),
+        expert_tp_size=ps.get_expert_tensor_parallel_world_size(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+        expert_dp_size=ps.get_expert_data_parallel_world_size(),
     )
 
 

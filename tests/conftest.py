@@ -52,6 +52,8 @@ MCORE_MODULES = (
     "test_mcore_contract.py",
     "test_models.py",
     "test_layouts.py",
+    "test_moe.py",
+    "test_moe_train.py",
     "test_losses.py",
     "test_diagnostics.py",
     "test_teacher_ema.py",

@@ -198,6 +198,35 @@ def test_layer_anatomy(model):
         assert out == (S, B, cfg.num_attention_heads * d)
 
 
+
+def test_moe_anatomy(groups):
+    """The local MoE spec's mlp holds MoESubmodules (replace_layer_leaves leaves it alone), and
+    the built MoELayer has a router [experts, hidden] and SequentialMLP experts whose local
+    indices map to global ones (models/sharding.py names experts by them)."""
+    from megatron_opcd.models import build_model
+    from megatron_opcd.models.spec import layer_spec
+
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=64, num_experts=4,
+                      moe_router_topk=2, moe_ffn_hidden_size=16)
+    spec = layer_spec(cfg, sequence_parallel=False, num_layers_in_stage=1)
+    assert mcore.is_moe_submodules(mcore._submodules_of(spec.submodules.mlp))
+    model = build_model(cfg, groups=groups, seed=1).eval()
+    mlp = model.decoder.layers[0].mlp
+    assert tuple(mlp.router.weight.shape) == (4, 32)
+    assert [n for n, _ in mcore.moe_routers(model)] == [1]
+    hidden = torch.randn(3, 2, 32)
+    with torch.no_grad():
+        probs, routing_map = mlp.router(hidden)
+        logits = mlp.router.gating(hidden)
+    assert tuple(routing_map.shape) == (6, 4) and routing_map.dtype == torch.bool
+    assert (routing_map.sum(-1) == 2).all() and tuple(logits.view(-1, 4).shape) == (6, 4)
+    top = logits.view(-1, 4).topk(2, -1)  # moe_norm_topk_prob: softmax over the top-k logits
+    torch.testing.assert_close(probs.gather(-1, top.indices), top.values.softmax(-1))
+    assert list(mlp.local_expert_indices) == [groups.ep_rank * 4 + i for i in range(4)]
+    for expert in mlp.experts.local_experts:
+        assert tuple(expert.linear_fc1.weight.shape) == (32, 32)  # [gate; up] of 16 each
+        assert tuple(expert.linear_fc2.weight.shape) == (32, 16)
+
 def test_local_linears(model):
     from megatron_opcd.models.kernels import ForwardOnlyLinear
 

@@ -42,6 +42,24 @@ The patches:
      `_ParamAndGradBucketGroup.start_grad_sync` asks for it on every gradient reduction (0.16.1
      does not). Applied from 0.17 because 0.17/0.18 are in range but not measured, and the stand-in
      only replaces a call that would raise without CUDA.
+  moe_streams  (measured on 0.16.1 and 0.19.2) `torch.cuda.Stream` builds a completed stream,
+     `torch.cuda.stream(s)` is a no-op context and `torch.cuda.current_stream()` the completed
+     stream: the MoE all-to-all token dispatcher (transformer/moe/token_dispatcher.py) creates a
+     side stream in `MoEAlltoAllTokenDispatcher.__init__` and moves its split sizes to the host on it
+     in `_maybe_dtoh_and_synchronize` at every forward without capacity (moe_utils.py's
+     `maybe_move_tensor_to_cpu` does nothing for a CPU tensor). The rest of the MoE path (router,
+     experts, permutation, aux-loss tracker) is served by current_device and cuda_to_cpu_mode.
+  moe_host_splits  (measured on 0.16.1 and 0.19.2) moe_utils.py's `maybe_move_tensor_to_cpu`
+     (also bound by name in token_dispatcher.py) turns the all-to-all split sizes into the numpy
+     arrays that `all_to_all_single` takes, but only for a CUDA tensor: a CPU tensor stays a
+     tensor, which torch's binding refuses ("incompatible function arguments"). The stand-in does
+     the same for CPU tensors (what megatron does after its device-to-host copy).
+  moe_utils_without_te  (needed on 0.16.1; a no-op on 0.19.2, which defines them as None) transformer/moe/moe_utils.py imports
+     te_general_gemm and the fused permute/top-k/aux-loss kernels only inside `try: import
+     transformer_engine`, with no fallback, yet the router's `RouterGatingLinearFunction` reads
+     `te_general_gemm` at every forward: NameError without TE. The missing names are set to None,
+     which is what the code tests for (`if te_general_gemm is not None`). Not CUDA, but a machine
+     without TE; a GPU host without TE would need the same (the CLIs enable CPU mode only without CUDA).
 """
 
 from __future__ import annotations
@@ -122,10 +140,13 @@ class _CompletedEvent:
 
 
 class _CompletedStream:
-    """Stands in for torch.cuda.current_stream() on the CPU: nothing is queued, nothing waits
-    (patch current_stream)."""
+    """Stands in for torch.cuda.current_stream() / torch.cuda.Stream() on the CPU: nothing is
+    queued, nothing waits (patches current_stream, moe_streams)."""
 
     device = torch.device("cpu")
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_stream(self, *args, **kwargs):
         pass
@@ -198,6 +219,40 @@ def _install_current_stream():
     torch.cuda.current_stream = lambda device=None: stream
 
 
+def _install_moe_streams():
+    from contextlib import nullcontext
+
+    _install_current_stream()
+    torch.cuda.Stream = _CompletedStream
+    torch.cuda.stream = lambda stream=None: nullcontext()
+
+
+def _host_tensor(tensor, as_numpy: bool = False, record_stream: bool = False):
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _install_moe_host_splits():
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    moe_utils.maybe_move_tensor_to_cpu = _host_tensor
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
+
+
+_MOE_TE_NAMES = ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute", "te_general_gemm")
+
+
+def _install_moe_utils_without_te():
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _MOE_TE_NAMES:
+        if not hasattr(moe_utils, name):  # defined where TE imported: left alone
+            setattr(moe_utils, name, None)
+
+
 @dataclass(frozen=True)
 class Patch:
     """One CPU patch: the megatron-core releases it applies to and the names it serves."""
@@ -224,6 +279,13 @@ PATCHES = (
           _install_rng),
     Patch("current_stream", ">=0.17", (_MP + "distributed.param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync",),
           _install_current_stream),
+    Patch("moe_streams", ">=0.16.1", (_MP + "transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher."
+                                            "_maybe_dtoh_and_synchronize",), _install_moe_streams),
+    Patch("moe_host_splits", ">=0.16.1", (_MP + "transformer.moe.moe_utils.maybe_move_tensor_to_cpu",
+                                          _MP + "transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu"),
+          _install_moe_host_splits),
+    Patch("moe_utils_without_te", ">=0.16.1", (_MP + "transformer.moe.moe_utils.RouterGatingLinearFunction",),
+          _install_moe_utils_without_te),
     Patch("cuda_to_cpu_mode", ">=0.16.1", (_MP + "pipeline_parallel.schedules.forward_backward_no_pipelining",
                                            _MP + "optimizer.clip_grads.clip_grad_by_total_norm_fp32",
                                            _MP + "transformer.utils.get_default_causal_mask"),

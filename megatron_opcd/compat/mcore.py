@@ -51,6 +51,11 @@ ASSUMPTIONS = {
                                 "module's sequence_parallel",
     "local_spec_norms": "get_gpt_layer_local_spec().submodules has input_layernorm and pre_mlp_layernorm; "
                         "TransformerBlockSubmodules(layer_specs=, layer_norm=) sets the final norm",
+    "moe_anatomy": "get_gpt_layer_local_spec(num_experts=n) gives an mlp whose submodules are MoESubmodules "
+                   "(experts, shared_experts) with no linear_fc1; the built MoELayer has router (weight "
+                   "[experts, hidden]) and experts.local_experts[i].{linear_fc1, linear_fc2} (SequentialMLP), "
+                   "the local expert i being global expert ep_rank * num_local_experts + i; router(hidden) returns "
+                   "(probs, routing_map [tokens, experts]) and router.gating(hidden) the logits",
     # DistributedDataParallel (distributed/distributed_data_parallel.py, param_and_grad_buffer.py)
     "ddp_grad_buffers": "DistributedDataParallel accumulates gradients into param.main_grad and clears them "
                         "with zero_grad_buffer()",
@@ -118,8 +123,18 @@ def replace_layer_leaves(spec, *, attention: Callable, linear: Callable):
     attn.core_attention = attention(attn.core_attention)
     for block, leaf in LINEAR_LEAVES:
         holder = _submodules_of(getattr(spec.submodules, block))
+        if block == "mlp" and is_moe_submodules(holder):
+            continue  # megatron's MoE layer keeps its own expert linears (see is_moe_submodules)
         setattr(holder, leaf, linear(getattr(holder, leaf)))
     return spec
+
+
+def is_moe_submodules(holder) -> bool:
+    """True for the submodules of a mixture-of-experts MLP (megatron's MoESubmodules: experts,
+    shared_experts; assumption moe_anatomy). Their linears are left as megatron builds them: the
+    experts' row-parallel linears skip the TP reduction (the token dispatcher does it), which the
+    forward-only linear would not know."""
+    return hasattr(holder, "experts") and not hasattr(holder, "linear_fc1")
 
 
 def _submodules_of(block):
@@ -135,6 +150,16 @@ def attention_cores(module):
     """(layer_number, core_attention module) per layer of this stage (assumption layer_anatomy)."""
     for layer in module.decoder.layers:
         yield layer.self_attention.layer_number, layer.self_attention.core_attention
+
+
+def moe_routers(module):
+    """(layer_number, router) per mixture-of-experts layer of this stage (assumption moe_anatomy:
+    `layer.mlp.router`, called as router(hidden) -> (probs, routing_map [tokens, experts]), with
+    `router.gating(hidden)` -> logits [tokens, experts])."""
+    for layer in module.decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is not None:
+            yield layer.layer_number, router
 
 
 def local_linear_classes() -> tuple[type, type]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 
 from megatron_opcd.generation.sampling import SamplingParams, sample
 from megatron_opcd.generation.cache import KVCache
@@ -184,7 +185,14 @@ def generate(
     """
     start_time = time.perf_counter()
     prompts = [list(map(int, p)) for p in prompts]
+    lockstep = expert_lockstep_group(model, groups)
     if not prompts:
+        if lockstep is None:
+            return GenerationOutput([], [], [], [], 0.0)
+        # The MoE layers' all-to-alls need every rank of the expert group: decode one throw-away
+        # row (a one-token prompt) for as many steps as the others, and return nothing.
+        generate(model, [[0]], params, groups=groups, vocab_size=vocab_size, prefix=prefix, use_cache=use_cache,
+                 between_steps=between_steps)
         return GenerationOutput([], [], [], [], 0.0)
     if params.stop_strings and decode is None:
         raise ValueError("SamplingParams.stop_strings needs a `decode` callable (token ids -> text)")
@@ -208,19 +216,42 @@ def generate(
         if not use_cache:
             stepper = _RecomputeStepper(module, lay, groups)
             return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time,
-                                between_steps)
+                                between_steps, lockstep)
         if prefix_ids and prefix_cache is None:
             prefix_cache = _prefill_prefix(module, prefix_ids, groups)
         cache = KVCache(len(prompts), lay.tokens.shape[1])
         with attach(module, cache, decode=True):
             stepper = _CachedStepper(module, lay, groups, prefix_cache, cache)
             return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time,
-                                between_steps)
+                                between_steps, lockstep)
+
+
+def expert_lockstep_group(model, groups: ParallelGroups):
+    """The expert-parallel group when `model` has MoE layers and EP > 1, else None.
+
+    Under EP every MoE layer's forward is an all-to-all over the EP group, whose ranks are data-
+    parallel replicas with their own prompts: they must run as many forwards as each other. The
+    decode loop then stops when every row of every EP rank is done (finished rows keep decoding,
+    their outputs dropped, as within one batch), and a rank without prompts still decodes a
+    throw-away row. Few rows per step route few tokens: no capacity, no padding."""
+    config = getattr(model, "config", None)
+    if getattr(groups, "ep_size", 1) > 1 and getattr(config, "num_moe_experts", None):
+        return groups.ep_group
+    return None
+
+
+def _all_done(local: bool, lockstep) -> bool:
+    """`local`, or with an expert group, whether every rank of it is done (one small all-reduce)."""
+    if lockstep is None:
+        return local
+    flag = torch.tensor([0.0 if local else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=lockstep)
+    return flag.item() == 0.0
 
 
 def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: ParallelGroups, vocab_size: int,
                  decode, progress: bool, start_time: float,
-                 between_steps: Optional[Callable[[int], None]] = None) -> GenerationOutput:
+                 between_steps: Optional[Callable[[int], None]] = None, lockstep=None) -> GenerationOutput:
     b = lay.tokens.shape[0]
     device = lay.tokens.device
     generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -253,7 +284,7 @@ def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: Parallel
         if bar is not None:
             bar.update(1)
             bar.set_postfix(tok_s=f"{sum(map(len, responses)) / (time.perf_counter() - start_time):.1f}")
-        if all(r is not None for r in reasons):
+        if _all_done(all(r is not None for r in reasons), lockstep):
             break
         if between_steps is not None:
             between_steps(step)  # may raise (a preemption): nothing of this call is kept

@@ -6,6 +6,7 @@ The teacher is frozen: eval mode, `requires_grad=False`, never given to an optim
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Optional
 
 import torch
@@ -79,9 +80,45 @@ def transformer_config(model: ModelConfig, groups: ParallelGroups, *, perform_in
         attention_backend=AttnBackend.auto if model.transformer_impl == "transformer_engine" else AttnBackend.local,
         # Prompt and response lengths change from batch to batch: let the pipeline send shapes.
         variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # only so the config accepts variable_seq_lengths (no MoE here)
+        # The project's loss contract (engine.wrap_ddp, configure_schedule set it again): set at
+        # build time because megatron's MoE router reads it once, in its constructor, to scale
+        # the load-balancing loss by the micro-batch's tokens.
+        calculate_per_token_loss=True,
+        # alltoall: the MoE dispatcher (gloo has all_to_all_single), and the one that accepts
+        # variable_seq_lengths; dense models set it only for that check.
+        moe_token_dispatcher_type="alltoall",
+        **moe_kwargs(model, groups, on_gpu=on_gpu),
         **fp8_kwargs(model),
     )
+
+
+def moe_kwargs(model: ModelConfig, groups: ParallelGroups, *, on_gpu: bool) -> dict:
+    """TransformerConfig's mixture-of-experts options for `model` (empty for a dense model).
+
+    Router as Qwen3-MoE's: softmax scores, top-k, no expert bias; `moe_norm_topk_prob` is
+    megatron's softmax *after* top-k (= softmax over all experts renormalised over the top k),
+    off it is the softmax *before* top-k without renormalisation. No capacity factor and no
+    padding: every routed token reaches its experts, and a decode step of a few rows sends only
+    those few tokens through the experts."""
+    if not model.is_moe:
+        return {}
+    return {
+        "num_moe_experts": model.num_experts,
+        "moe_router_topk": model.moe_router_topk,
+        "moe_ffn_hidden_size": model.moe_ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
+        "moe_router_pre_softmax": not model.moe_norm_topk_prob,
+        "moe_router_score_function": "softmax",
+        "moe_router_load_balancing_type": "aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+        "moe_aux_loss_coeff": model.moe_aux_loss_coeff,
+        "moe_expert_capacity_factor": None,
+        "moe_pad_expert_input_to_capacity": False,
+        # Grouped GEMM is TE's (or the grouped_gemm package's) CUDA kernel: GPU with TE only;
+        # the local spec runs the experts one after another (SequentialMLP).
+        "moe_grouped_gemm": on_gpu and model.transformer_impl == "transformer_engine",
+        "expert_model_parallel_size": groups.ep_size,
+        "expert_tensor_parallel_size": groups.expert_tp_size,
+    }
 
 
 def build_model(
@@ -110,10 +147,16 @@ def build_model(
             tensor_model_parallel_size=groups.tp_size,
             pipeline_model_parallel_size=groups.pp_size,
             sequence_parallel=groups.sequence_parallel,
+            expert_model_parallel_size=groups.ep_size,
+            expert_tensor_parallel_size=groups.expert_tp_size,
         ),
         role="model" if role == "student" else "teacher",
     )
     check_runtime(model_config, role="model" if role == "student" else "teacher")
+    if role == "teacher" and model_config.moe_aux_loss_coeff:
+        # A frozen teacher is never trained: no load-balancing loss (its router runs under no_grad
+        # anyway; this keeps megatron from even setting one up).
+        model_config = dataclasses.replace(model_config, moe_aux_loss_coeff=0.0)
     config = transformer_config(model_config, groups)
     spec = layer_spec(
         model_config,
@@ -151,6 +194,8 @@ def build_model(
             tp_rank=groups.tp_rank,
             tp_size=groups.tp_size,
             tied_embeddings=model_config.tie_embeddings,
+            expert_tp_rank=groups.expert_tp_rank,
+            expert_tp_size=groups.expert_tp_size,
         )
     if role == "teacher":
         freeze(model)

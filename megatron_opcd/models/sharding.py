@@ -18,6 +18,10 @@ from typing import Iterator
 import torch
 
 _LAYER_RE = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+# An expert's parameter: SequentialMLP's `experts.local_experts.<i>.<rest>` (the local spec), or
+# TEGroupedMLP's `experts.linear_fc<n>.weight<i>` (TE's grouped GEMM), named in the first form.
+_SEQUENTIAL_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_GROUPED_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc\d+)\.(weight|bias)(\d+)$")
 
 
 def partition_of(param: torch.Tensor) -> tuple[bool, int, int]:
@@ -49,21 +53,40 @@ def unshard(pieces: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
 
 
 def global_named_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """`named_parameters()` with pipeline-stage-local layer indices replaced by global ones.
+    """`named_parameters()` with pipeline-stage-local layer indices replaced by global ones, and
+    expert-parallel-local expert indices by global ones.
 
     megatron numbers a stage's layers from 0 in the module tree, but each TransformerLayer knows
-    its global 1-based `layer_number`.
+    its global 1-based `layer_number`. Under EP, a rank holds experts ep_rank * n_local ... as
+    `local_experts.0 ...`; its MoELayer lists their global indices (`local_expert_indices`). TE's
+    grouped experts (`experts.linear_fc1.weight<i>`) are named as the sequential ones
+    (`experts.local_experts.<global i>.linear_fc1.weight`): one name per expert weight whatever the
+    implementation.
     """
-    layer_numbers = {}
+    layer_numbers, expert_indices = {}, {}
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         for i, layer in enumerate(decoder.layers):
             layer_numbers[i] = layer.layer_number - 1
+            expert_indices[i] = list(getattr(layer.mlp, "local_expert_indices", ()))
     for name, param in model.named_parameters():
         m = _LAYER_RE.match(name)
         if m:
-            name = f"{m.group(1)}{layer_numbers[int(m.group(2))]}{m.group(3)}"
+            local = int(m.group(2))
+            name = f"{m.group(1)}{layer_numbers[local]}{m.group(3)}"
+            e = _SEQUENTIAL_EXPERT_RE.match(name)
+            g = _GROUPED_EXPERT_RE.match(name)
+            if e:
+                name = f"{e.group(1)}{expert_indices[local][int(e.group(2))]}{e.group(3)}"
+            elif g:
+                index = expert_indices[local][int(g.group(4))]
+                name = f"{g.group(1)}local_experts.{index}.{g.group(2)}.{g.group(3)}"
         yield name, param
+
+
+def is_expert_parameter(name: str) -> bool:
+    """A routed expert's parameter (split over the expert TP group, not the TP group), by its name."""
+    return ".mlp.experts." in name
 
 
 def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
@@ -79,7 +102,8 @@ def _is_output_projection(name: str) -> bool:
 
 
 def layout_invariant_init_(model: torch.nn.Module, *, seed: int, std: float, num_layers: int,
-                           vocab_size: int, tp_rank: int, tp_size: int, tied_embeddings: bool) -> None:
+                           vocab_size: int, tp_rank: int, tp_size: int, tied_embeddings: bool,
+                           expert_tp_rank: int = 0, expert_tp_size: int = 1) -> None:
     """Initialise every parameter from (seed, global name) alone, then take this rank's shard.
 
     The same seed gives the same model at every TP/PP layout, so runs are reproducible across
@@ -87,14 +111,17 @@ def layout_invariant_init_(model: torch.nn.Module, *, seed: int, std: float, num
     weights ~ N(0, std), output projections ~ N(0, std / sqrt(2 * num_layers)), norms 1, biases 0;
     embedding/output rows past `vocab_size` (TP padding) are 0. With tied embeddings, the last
     pipeline stage's copy of the word embeddings (`output_layer.weight`) gets the same values as
-    the first stage's, which is what megatron's embedding-group all-reduce would make it.
+    the first stage's, which is what megatron's embedding-group all-reduce would make it. Experts
+    are named by their global index (`global_named_parameters`) and split over the expert TP group
+    (`expert_tp_rank`/`expert_tp_size`), so the experts are the same at any EP and expert TP too.
     """
     with torch.no_grad():
         for name, param in global_named_parameters(model):
             if tied_embeddings and name == "output_layer.weight":
                 name = "embedding.word_embeddings.weight"
+            rank, size = (expert_tp_rank, expert_tp_size) if is_expert_parameter(name) else (tp_rank, tp_size)
             is_tp, dim, stride = partition_of(param)
-            shape = full_shape(param, tp_size)
+            shape = full_shape(param, size)
             if "layernorm" in name or name.endswith("norm.weight"):
                 full = torch.ones(shape)
             elif name.endswith("bias"):
@@ -108,5 +135,5 @@ def layout_invariant_init_(model: torch.nn.Module, *, seed: int, std: float, num
                     full[:vocab_size] = rows
                 else:
                     full = torch.randn(shape, generator=gen) * sigma
-            local = shard(full, dim, stride, tp_rank, tp_size) if is_tp else full
+            local = shard(full, dim, stride, rank, size) if is_tp else full
             param.copy_(local.to(param.dtype))

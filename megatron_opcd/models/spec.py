@@ -39,13 +39,17 @@ def layer_spec(model: ModelConfig, *, sequence_parallel: bool, num_layers_in_sta
 
         # TE's fused LayerNormLinear handles sequence parallelism and FP8 itself (and keeps its own
         # forward while generating: only the core attention gets the cache path).
-        return generation_spec(get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm))
+        # MoE: TE's grouped GEMM experts (TEGroupedMLP); needs TE >= 1.11 (megatron checks).
+        return generation_spec(get_gpt_layer_with_transformer_engine_spec(
+            num_experts=model.num_experts, moe_grouped_gemm=model.is_moe, qk_layernorm=model.qk_layernorm))
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_opcd.compat import mcore
 
-    spec = generation_spec(get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm,
+    # MoE on the local spec: megatron's SequentialMLP (one expert after another, torch matmuls).
+    spec = generation_spec(get_gpt_layer_local_spec(num_experts=model.num_experts, moe_grouped_gemm=False,
+                                                    qk_layernorm=model.qk_layernorm,
                                                     normalization=model.normalization))
     if not sequence_parallel:
         return spec

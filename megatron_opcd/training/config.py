@@ -435,7 +435,7 @@ class TrainConfig:
         # Impossible splits fail here, before any rank starts (models read from checkpoints: in the Trainer).
         for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
             if model is not None:
-                model.check_parallel(self.parallel, role=role)
+                model.check_parallel(self.parallel, role=role, trained=role == "model")
         if self.model is not None:
             check_trainable_dtype(self.model)
         if self.algorithm.name in ("offpolicy_cd", "seqkd") and self.teacher.mode == "self":

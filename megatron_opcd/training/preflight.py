@@ -146,6 +146,28 @@ def fit_examples(examples: list[Example], renderer: PromptRenderer, contexts: li
     return kept
 
 
+def check_expert_lockstep(cfg, *, dp_size: int, ep_size: int, moe: bool, num_eval: int) -> None:
+    """Under expert parallelism an MoE model's every forward is an all-to-all over the EP group,
+    whose ranks are data-parallel replicas: they must make the same model calls. The training
+    step does (equal micro-batches; the decode loop runs in lockstep, generation/loop.py); what
+    would not is refused here in one line: contexts that differ per row (the teacher prefills
+    each new one: a different number of forwards per rank), text games (episodes of different
+    lengths) and an evaluation whose prompts do not split evenly over the DP replicas."""
+    if not moe or ep_size == 1:
+        return
+    where = f"an MoE model with parallel.expert_model_parallel_size={ep_size}"
+    if cfg.context.selection != "fixed":
+        raise ConfigError(f"{where} needs context.selection=fixed (each rank would prefill a different number of "
+                          "contexts, and the experts' all-to-all would wait); set it, or "
+                          "parallel.expert_model_parallel_size=1")
+    if cfg.game is not None:
+        raise ConfigError(f"{where} cannot train on a game (episodes of different lengths per rank); "
+                          "set parallel.expert_model_parallel_size=1")
+    if cfg.evaluation.interval and num_eval % dp_size:
+        raise ConfigError(f"{where}: the evaluation's {num_eval} prompts do not split evenly over {dp_size} "
+                          f"data-parallel ranks; set evaluation.num_prompts to a multiple of {dp_size}")
+
+
 def preflight(cfg, groups, *, model_config: ModelConfig, tokenizer, rank: int = 0) -> Checked:
     """Run the checks of the module docstring; returns what they read. Call on every rank before
     any model is built (every rank reads the same files and raises the same error)."""
@@ -157,6 +179,8 @@ def preflight(cfg, groups, *, model_config: ModelConfig, tokenizer, rank: int = 
     ContextSampler(contexts, cfg.context.selection, cfg.data.seed).for_batch(train, 0)
     eval_examples = load_examples(cfg.data.eval) if cfg.data.eval else None
     task = check_task(cfg.evaluation, eval_examples or train, cfg.data.eval or cfg.data.train)
+    check_expert_lockstep(cfg, dp_size=groups.dp_size, ep_size=groups.ep_size, moe=model_config.is_moe or tc.is_moe,
+                          num_eval=min(cfg.evaluation.num_prompts, len(eval_examples or train)))
     max_total = min(model_config.max_position_embeddings, tc.max_position_embeddings)
     renderer = build_renderer(cfg, tokenizer, max_total)
     examples = fit_examples(train, renderer, contexts, cfg.context.selection, too_long=cfg.data.too_long, rank=rank)

@@ -50,6 +50,7 @@ from megatron_opcd.generation.prefix import TeacherPrefix
 from megatron_opcd.losses.diagnostics import warning_line
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
+from megatron_opcd.models.moe import RouterStats, load_balance_metrics
 from megatron_opcd.parallel import ParallelGroups, dp_share
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
 from megatron_opcd.training.ema import EMATeacher, ema_model_config
@@ -115,7 +116,7 @@ class Trainer:
         self.model_config: ModelConfig = cfg.model or read_model_config(pretrained)
         if cfg.model is not None and pretrained:
             check_matches_checkpoint(cfg.model, read_model_config(pretrained), pretrained)
-        self.model_config.check_parallel(cfg.parallel, role="model")
+        self.model_config.check_parallel(cfg.parallel, role="model", trained=True)
         self.tokenizer = self._load_tokenizer()
         # Every check that needs no model, before any model is built (training/preflight.py).
         checked = preflight(cfg, groups, model_config=self.model_config, tokenizer=self.tokenizer, rank=self.rank)
@@ -124,6 +125,9 @@ class Trainer:
         if resume_from is None and pretrained:
             load_model_weights(student, pretrained)
         self._student_module = student  # the EMA teacher's source, before DDP wraps it
+        mc = self.model_config
+        self.router_stats = (RouterStats(student, num_layers=mc.num_layers, num_experts=mc.num_experts,
+                                         topk=mc.moe_router_topk) if mc.is_moe else None)
         self.teacher = self._build_teacher()
         self.ddp = wrap_ddp(student, groups, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         configure_schedule([self.ddp], groups)
@@ -327,10 +331,15 @@ class Trainer:
         self._micro_index = 0
         zero_grads(self.ddp)
         self.student.train()
+        if self.router_stats is not None:
+            self.router_stats.reset()
         seq = max(m.packed.seq_length for m in micro)
         reports = forward_backward(self.ddp, self._forward_step, micro, num_microbatches=len(micro),
                                    seq_length=seq, micro_batch_size=micro[0].packed.batch_size)
         sums = self._reduce_reports(reports)
+        if self.router_stats is not None:  # every rank: a collective, before any skip
+            sums.update(load_balance_metrics(self.router_stats.reduce(), num_experts=self.model_config.num_experts,
+                                             topk=self.model_config.moe_router_topk))
         finite = self._all_finite(sums)
         result = StepResult()
         if not finite:

@@ -60,6 +60,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1 and dataclasses.is_dataclass(next(a for a in args if a is not type(None))):
+            raise ConfigError(errors[0])  # an optional section: its own message names the key and the fix
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in get_args(tp):

@@ -210,6 +210,56 @@ def _collect(parallel: ParallelConfig) -> ParallelGroups:
     )
 
 
+def teacher_groups(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> ParallelGroups:
+    """A frozen teacher's own layout in the same world (`teacher.parallel`): new torch.distributed
+    groups for TP x PP x DP over all ranks, in megatron's rank order (TP fastest, then DP, then PP:
+    global rank = tp + TP * (dp + DP * pp)), with their own ProcessGroupCollection for GPTModel's
+    `pg_collection`. Call on every rank, after `initialize()`, in the same order (group creation is
+    collective). Context parallelism stays 1 (the student's singleton CP group is reused); the
+    teacher never trains, so no gradient or optimizer groups beyond DP exist."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world % (tp * pp):
+        raise ConfigError(f"the teacher's layout TP x PP = {tp} x {pp} does not divide the world of {world} ranks; "
+                          f"set teacher.parallel sizes whose product divides {world}")
+    dp = world // (tp * pp)
+
+    def rank(t: int, d: int, p: int) -> int:
+        return t + tp * (d + dp * p)
+
+    def make(lists: list[list[int]]):
+        """Every rank creates every group (collective); this rank keeps the one it is in."""
+        mine = None
+        for ranks in lists:
+            g = dist.new_group(ranks)
+            if me in ranks:
+                mine = g
+        return mine
+
+    tp_g = make([[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)])
+    pp_lists = [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    pp_g = make(pp_lists)
+    dp_g = make([[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)])
+    mp_g = make([[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)])
+    # The tied embedding's group (first and last stage) and the position embedding's (first stage);
+    # megatron's finalize_model_grads reads them, GPTModel's constructor stores them.
+    embd_g = make([sorted({r[0], r[-1]}) for r in pp_lists])
+    pos_g = make([[r[0]] for r in pp_lists])
+    t_rank, d_rank, p_rank = me % tp, (me // tp) % dp, me // (tp * dp)
+    pgs = ProcessGroupCollection()
+    pgs.tp, pgs.pp, pgs.mp, pgs.dp, pgs.embd, pgs.pos_embd = tp_g, pp_g, mp_g, dp_g, embd_g, pos_g
+    pgs.cp = ps.get_context_parallel_group()  # CP = 1: this rank alone, the same for both models
+    pgs.tp_cp, pgs.dp_cp, pgs.tp_dp_cp = tp_g, dp_g, make([list(range(world))])
+    return ParallelGroups(
+        tp_group=tp_g, pp_group=pp_g, dp_group=dp_g, tp_rank=t_rank, tp_size=tp, pp_rank=p_rank, pp_size=pp,
+        dp_rank=d_rank, dp_size=dp, sequence_parallel=False, pp_last_global_rank=rank(t_rank, d_rank, pp - 1),
+        pg_collection=pgs,
+    )
+
+
 def groups() -> ParallelGroups:
     """The groups of the current `initialize()`."""
     if _GROUPS is None:

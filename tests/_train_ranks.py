@@ -209,3 +209,18 @@ def ema_train(config_path: str, overrides: list[str]) -> dict:
                 "history": summary["history"]}
     finally:
         parallel.destroy()
+
+
+def teacher_layouts(config_path: str, cases: list[list[str]]) -> dict:
+    """teacher.parallel: the one-line error of a teacher layout that does not divide the world
+    (TP = 4 on 2 ranks), then `cluster_steps` of every case, in one launch."""
+    from megatron_opcd import parallel
+    from megatron_opcd.errors import ConfigError
+
+    parallel.initialize()
+    try:
+        parallel.teacher_groups(4, 1)
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    return {"error": error, "runs": cluster_steps(config_path, cases)}

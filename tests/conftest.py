@@ -57,6 +57,7 @@ MCORE_MODULES = (
     "test_losses.py",
     "test_diagnostics.py",
     "test_teacher_ema.py",
+    "test_teacher_layout.py",
     "test_generation.py",
     "test_train.py",
     "test_convert.py",

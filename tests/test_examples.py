@@ -179,6 +179,35 @@ def test_estimate_memory_pp_puts_the_output_layer_on_the_last_stage(tmp_path):
     assert r["bytes"]["held teacher logits (step)"] == 8 * 8 * 128 * 2
 
 
+def test_estimate_memory_counts_the_teacher_at_its_own_layout(tmp_path):
+    """teacher.parallel: the teacher's weights, scoring KV cache and output at its layout (TP 2 x
+    DP 2), the student's at its own (TP 1 x DP 4), on 4 GPUs."""
+    model = SMALL.split("model: ", 1)[1].split("\nteacher:", 1)[0]
+    path = tmp_path / "own_1n4g.yaml"
+    path.write_text(SMALL.replace("teacher: self", f"teacher: {{model: {model}, parallel: {{tensor_model_parallel_size: 2}}}}")
+                    .replace("tensor_model_parallel_size: 2, use", "tensor_model_parallel_size: 1, use"))
+    r = estimate_memory.estimate(load_train_config(str(path)), 4)
+    assert r["layout"]["tp"] == 1 and r["teacher_layout"] == {"tp": 2, "pp": 1, "dp": 2, "own_groups": True}
+    # Student at TP 1: 2 layers x (8192 + 4096 + 24576 + 128) + embedding 128 x 64 (tied) + final norm 64.
+    assert r["student_params_per_gpu"] == 2 * 36992 + 8192 + 64
+    assert r["teacher_params_per_gpu"] == 41280  # the same model at TP 2 (the hand count above)
+    b = r["bytes"]
+    assert b["teacher weights"] == 41280 * 2
+    # A teacher replica scores the micro-batches of 2 student replicas: 2 x 4 / 2 = 4 rows, at TP 2
+    # (128 bytes of KV per token, as above), [context; prompt; response] = 8 + 16 + 8 tokens.
+    assert b["teacher KV cache (scoring)"] == 128 * 4 * (8 + 16 + 8)
+    assert b["teacher logits at its layout"] == 4 * 8 * (128 // 2) * 2  # rows x response x V/TP_t x bf16
+    assert b["logits (student + teacher)"] == 2 * (2 * 8 * 128 * 4)  # the student's sharding (TP 1), fp32
+
+
+def test_estimate_memory_counts_the_ema_teachers_fp32_copy(tmp_path):
+    path = tmp_path / "ema_1n4g.yaml"
+    path.write_text(SMALL.replace("teacher: self", "teacher: {mode: ema, ema_decay: 0.9}"))
+    r = estimate_memory.estimate(load_train_config(str(path)), 4)  # TP 2 x DP 2, as SMALL
+    assert r["teacher_params_per_gpu"] == 41280 and r["bytes"]["teacher weights"] == 41280 * 4  # fp32, student sharding
+    assert r["teacher_layout"] == {"tp": 2, "pp": 1, "dp": 2, "own_groups": False}
+
+
 def test_estimate_memory_cli_reads_world_size_from_the_file_name():
     out = subprocess.run([sys.executable, str(ROOT / "tools/estimate_memory.py"),
                           str(ROOT / "examples/opcd_qwen3-8b_math_2n8g_tp2pp1.yaml"), "--json"],

@@ -15,14 +15,21 @@ What is counted, per GPU (GiB = 2**30 bytes):
   student grads      params/rank x 4 (megatron DDP reduces gradients in fp32; the buffer is not sharded)
   optimizer state    params/rank x (Adam: 12 bytes with bf16/fp16 params = fp32 master + 2 moments;
                      8 with fp32 params = 2 moments; SGD: 4 or 0), / DP with use_distributed_optimizer
-  teacher weights    teacher params/rank x its dtype bytes (0 for `teacher: self`)
+  teacher weights    teacher params/rank x its dtype bytes, at the teacher's own layout with
+                     `teacher.parallel` (its busiest stage); `teacher: self`: 0; `teacher.mode: ema`:
+                     the student's params/rank x 4 (the average is an fp32 copy in the student's sharding)
   rollout KV cache   2 (K, V) x layers/PP x query_groups/TP x head_dim x bytes x tokens x rows,
                      rows = prompts per DP rank x samples_per_prompt, tokens = prompt + response
                      (opcd: the student samples without the context; the baselines: the teacher with it)
-  teacher KV cache   the same for one micro-batch of [context; prompt; response] rows (scoring)
+  teacher KV cache   the same for one micro-batch of [context; prompt; response] rows (scoring), at
+                     the teacher's layout: with `teacher.parallel` a teacher DP replica scores
+                     ceil(micro-batch x student DP / teacher DP) rows
   logits             micro-batch x response tokens x padded vocab/TP x 4 bytes, once for the student
                      and once for the teacher (fp32 while the loss runs); response rows only, with
-                     or without sequence parallelism (the output layer computes no prompt position)
+                     or without sequence parallelism (the output layer computes no prompt position).
+                     With `teacher.parallel` the teacher's last stage also holds its own output while
+                     it scores (its rows x response x its padded vocab/its TP, model dtype) before the
+                     slices go to the student ranks ("teacher logits at its layout")
   held teacher logits  0 at PP = 1 (the teacher scores each micro-batch inside the update's forward
                      step: one micro-batch's logits at a time, counted under logits); at PP > 1 the
                      teacher's response logits (model dtype) of every micro-batch of the step, on the
@@ -150,10 +157,15 @@ def student_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def teacher_config(cfg: TrainConfig) -> ModelConfig | None:
-    """None for `teacher: self` (no second copy of the weights)."""
+    """None for `teacher: self` (no second copy of the weights); `ema`: the student's architecture
+    in fp32 (the moving average, training/ema.py)."""
+    import dataclasses
+
     t = cfg.teacher
     if t.mode == "self":
         return None
+    if t.mode == "ema":
+        return dataclasses.replace(student_config(cfg), params_dtype="fp32")
     m = t.model or _model_from_checkpoint(t.checkpoint)
     if m is None:
         raise ConfigError(f"the teacher's architecture is unknown: add teacher.model, or point teacher.checkpoint "
@@ -171,12 +183,18 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
     s = student_config(cfg)
     s.check_parallel(p, "model")
     t = teacher_config(cfg)
+    tl = cfg.teacher_parallel  # the teacher's layout: teacher.parallel, else the student's
+    ttp, tpp = tl.tensor_model_parallel_size, tl.pipeline_model_parallel_size
+    own = (ttp, tpp) != (tp, pp)
+    if own:
+        tl.check_world_size(world_size)
+    tdp = world_size // (ttp * tpp)
     if t is not None:
-        t.check_parallel(p, "teacher")
+        t.check_parallel(tl, "teacher", **cfg.teacher_parallel_names)
     teacher_model = t or s
 
     sp = stage_params(s, tp, pp)
-    tparams = stage_params(t, tp, pp) if t is not None else None
+    tparams = stage_params(t, ttp, tpp) if t is not None else None
     sbytes = DTYPE_BYTES[s.params_dtype]
     optim = sp.busiest * optimizer_bytes_per_param(cfg.optimizer.name, s.params_dtype)
     if p.use_distributed_optimizer:
@@ -190,9 +208,12 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
     else:
         rollout_kv = kv_bytes(teacher_model, tp, pp, rows, context + prompt + response)
     needs_teacher = cfg.algorithm.name != "seqkd"
-    teacher_kv = kv_bytes(teacher_model, tp, pp, mb, context + prompt + response) if needs_teacher else 0
+    teacher_rows = -(-mb * dp // tdp)  # a teacher DP replica's share of one micro-batch (mb when shared)
+    teacher_kv = kv_bytes(teacher_model, ttp, tpp, teacher_rows, context + prompt + response) if needs_teacher else 0
     vocab_shard = s.padded_vocab_size(tp) // tp
     logits_one = mb * response * vocab_shard * 4
+    own_logits = (teacher_rows * response * teacher_model.padded_vocab_size(ttp) // ttp
+                  * DTYPE_BYTES[teacher_model.params_dtype]) if own and needs_teacher else 0
     # At PP = 1 the teacher scores inside the forward step: nothing is held beyond one micro-batch.
     held = (rows // mb) * mb * response * vocab_shard * DTYPE_BYTES[teacher_model.params_dtype] \
         if needs_teacher and pp > 1 else 0
@@ -209,13 +230,14 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
         "rollout prefill logits": prefill_logits,
         "teacher KV cache (scoring)": teacher_kv,
         "held teacher logits (step)": held,
+        "teacher logits at its layout": own_logits,
         "logits (student + teacher)": 2 * logits_one if needs_teacher else logits_one,
         "activations (rough)": act,
     }
     static = sum(parts[k] for k in ("student weights", "student grads (fp32)", "optimizer state", "teacher weights"))
     phases = {
         "rollout": static + rollout_kv + prefill_logits,
-        "teacher scoring": static + teacher_kv + held + logits_one,
+        "teacher scoring": static + teacher_kv + held + logits_one + own_logits,
         "update": static + held + parts["logits (student + teacher)"] + act,
     }
     return {
@@ -225,6 +247,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
         "student_params_per_gpu": sp.busiest,
         "teacher_params": tparams.total if tparams else 0,
         "teacher_params_per_gpu": tparams.busiest if tparams else 0,
+        "teacher_layout": {"tp": ttp, "pp": tpp, "dp": tdp, "own_groups": own},
         "bytes": {k: int(v) for k, v in parts.items()},
         "phases": {k: int(v) for k, v in phases.items()},
         "peak_bytes": int(max(phases.values())),
@@ -233,9 +256,11 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
 
 def format_table(result: dict, name: str, gpu_memory_gib: float | None) -> str:
     lay = result["layout"]
+    tl = result["teacher_layout"]
     lines = [
         f"{name}: {lay['world_size']} GPUs = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, "
-        f"{lay['micro_batches']} micro-batch(es) of the step per DP rank, {lay['rows_per_dp_rank']} rollouts per DP rank",
+        f"{lay['micro_batches']} micro-batch(es) of the step per DP rank, {lay['rows_per_dp_rank']} rollouts per DP rank"
+        + (f"; teacher on its own groups: TP {tl['tp']} x PP {tl['pp']} x DP {tl['dp']}" if tl["own_groups"] else ""),
         f"student {result['student_params'] / 1e9:.2f}B params ({result['student_params_per_gpu'] / 1e9:.2f}B per GPU)"
         + (f", teacher {result['teacher_params'] / 1e9:.2f}B ({result['teacher_params_per_gpu'] / 1e9:.2f}B per GPU)"
            if result["teacher_params"] else ", teacher = the student (self)"),

@@ -153,7 +153,8 @@ def evaluate_task(model, tokenizer, renderer, examples: Sequence[Example], task,
 
 @torch.no_grad()
 def heldout_kl(student, teacher, tokenizer, renderer, examples: Sequence[Example], contexts: list[Optional[str]], *,
-               groups, sampling, vocab_size: int, temperature: float, prefixes) -> tuple[float, list[list[int]]]:
+               groups, sampling, vocab_size: int, temperature: float, prefixes,
+               teacher_scorer=None) -> tuple[float, list[list[int]]]:
     """The student answers `examples` (this DP rank's share) without the context; the teacher
     scores the same responses with `contexts` (its shared prefix from `prefixes`, a
     `generation.prefix.TeacherPrefix` of the teacher); the exact per-token KL(student || teacher)
@@ -161,14 +162,18 @@ def heldout_kl(student, teacher, tokenizer, renderer, examples: Sequence[Example
     this rank's responses). A DP replica without examples adds zeros but still joins the
     all-reduce (returning early hung the others)."""
     kl, _, responses = _heldout(student, teacher, tokenizer, renderer, examples, contexts, groups=groups,
-                                sampling=sampling, vocab_size=vocab_size, temperature=temperature, prefixes=prefixes)
+                                sampling=sampling, vocab_size=vocab_size, temperature=temperature, prefixes=prefixes,
+                                teacher_scorer=teacher_scorer)
     return kl, responses
 
 
 def _heldout(student, teacher, tokenizer, renderer, examples, contexts, *, topk_spec=None, diagnostics=None,
              **kw) -> tuple[float, dict, list[list[int]]]:
     """(exact KL, the top-k diagnostics `{name: mean}` of `topk_spec`'s loss when `diagnostics` is
-    given (else {}), this rank's responses), reduced over the world as `heldout_kl` says."""
+    given (else {}), this rank's responses), reduced over the world as `heldout_kl` says.
+    `teacher_scorer` in `kw` (a teacher on its own layout, training/teacher_route.py) scores the
+    teacher rows instead of `teacher`: (teacher prompts, contexts, responses) -> this rank's
+    `[R, b, V/tp]`, called on every rank, by a replica without examples too."""
     from megatron_opcd.losses.diagnostics import NAMES
 
     names = NAMES if diagnostics is not None else ()
@@ -178,13 +183,16 @@ def _heldout(student, teacher, tokenizer, renderer, examples, contexts, *, topk_
     if examples:
         responses = _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf, topk_spec=topk_spec,
                              diagnostics=diagnostics, **kw)
+    elif kw.get("teacher_scorer") is not None:
+        kw["teacher_scorer"]([], [], [])  # its collectives span the world: join them with no rows
     dist.all_reduce(buf)
     means = [float(s / c) if c > 0 else float("nan") for s, c in buf.tolist()]
     return means[0], {n.replace(" ", "_"): v for n, v in zip(names, means[1:])}, responses
 
 
 def _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf: torch.Tensor, *, groups, sampling,
-             vocab_size: int, temperature: float, prefixes, topk_spec=None, diagnostics=None) -> list[list[int]]:
+             vocab_size: int, temperature: float, prefixes, topk_spec=None, diagnostics=None,
+             teacher_scorer=None) -> list[list[int]]:
     from megatron_opcd.generation import generate, score
     from megatron_opcd.losses import DivergenceSpec, TopkStats, topk_diagnostics, vocab_parallel_divergence
 
@@ -192,17 +200,21 @@ def _kl_sums(student, teacher, tokenizer, renderer, examples, contexts, buf: tor
     student_prompts = [p.student for p in pairs]
     out = generate(student, student_prompts, sampling, groups=groups, vocab_size=vocab_size, decode=tokenizer.decode)
     responses = [list(r) if r else [tokenizer.eos_ids[0]] for r in out.responses]
-    cache, rows = prefixes.split(teacher, [p.teacher for p in pairs], contexts)
-    t = score(teacher, rows, responses, groups=groups, prefix=cache, vocab_size=vocab_size, pad_id=tokenizer.pad_id)
+    if teacher_scorer is not None:
+        t = teacher_scorer([p.teacher for p in pairs], list(contexts), responses)
+    else:
+        cache, rows = prefixes.split(teacher, [p.teacher for p in pairs], contexts)
+        t = score(teacher, rows, responses, groups=groups, prefix=cache, vocab_size=vocab_size,
+                  pad_id=tokenizer.pad_id).logits
     s = score(student, student_prompts, responses, groups=groups, vocab_size=vocab_size, pad_id=tokenizer.pad_id)
     if groups.is_last_stage:
         spec = DivergenceSpec(kind="reverse_kl", topk=None, temperature=temperature, vocab_size=vocab_size)
-        kl = vocab_parallel_divergence(s.logits, t.logits, spec, groups.tp_group)
+        kl = vocab_parallel_divergence(s.logits, t, spec, groups.tp_group)
         diag = {}
         if diagnostics is not None:  # the training loss's top-k, on the same logits (every TP rank)
             stats = TopkStats()
-            d = vocab_parallel_divergence(s.logits, t.logits, topk_spec, groups.tp_group, stats=stats)
-            diag = topk_diagnostics(s.logits, t.logits, d, stats, s.mask.bool(), topk_spec, diagnostics,
+            d = vocab_parallel_divergence(s.logits, t, topk_spec, groups.tp_group, stats=stats)
+            diag = topk_diagnostics(s.logits, t, d, stats, s.mask.bool(), topk_spec, diagnostics,
                                     groups.tp_group)
         if groups.tp_rank == 0:
             buf[0, 0] = float((kl.double() * s.mask.double()).sum())

@@ -39,6 +39,37 @@ from megatron_opcd.losses.divergence import DivergenceSpec
 
 
 @dataclass
+class TeacherParallelConfig:
+    """A frozen teacher's own TP/PP layout in the same job (docs/training.md, "Teacher layouts").
+    Unset sizes are the student's; its data parallelism is what TP x PP leaves of the world."""
+
+    tensor_model_parallel_size: Optional[int] = None
+    """Ranks that split each teacher layer and the teacher's vocabulary (default: parallel's)."""
+
+    pipeline_model_parallel_size: Optional[int] = None
+    """Teacher pipeline stages (default: parallel's)."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"teacher.parallel.{name} must be >= 1, got {value}")
+
+    def layout(self, student: ParallelConfig) -> ParallelConfig:
+        """The teacher's ParallelConfig: these sizes (or the student's), no sequence parallelism."""
+        tp = self.tensor_model_parallel_size or student.tensor_model_parallel_size
+        pp = self.pipeline_model_parallel_size or student.pipeline_model_parallel_size
+        if (tp, pp) == _sizes(student):
+            return student
+        return dataclasses.replace(student, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                   sequence_parallel=False)
+
+
+def _sizes(parallel: ParallelConfig) -> tuple[int, int]:
+    return parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+
+
+@dataclass
 class TeacherConfig:
     """The model that sees the context. `teacher: self` in YAML is short for `{mode: self}`."""
 
@@ -61,7 +92,23 @@ class TeacherConfig:
     """mode=ema only, and required there: d in `teacher <- d teacher + (1 - d) student` after each
     optimizer step, in [0, 1) (0: the live student; e.g. 0.99)."""
 
+    parallel: Optional[TeacherParallelConfig] = None
+    """mode=frozen only: the teacher's own tensor/pipeline sizes (default: the student's layout).
+    The teacher then runs on process groups of its own; rollouts go to its ranks and its logits
+    come back in the student's vocabulary sharding (docs/training.md, "Teacher layouts")."""
+
+    def layout(self, student: ParallelConfig) -> ParallelConfig:
+        """The teacher's layout: `parallel` over the student's, or the student's own."""
+        return self.parallel.layout(student) if self.parallel is not None else student
+
+    def own_layout(self, student: ParallelConfig) -> bool:
+        """True when the teacher's TP x PP differs from the student's (its own process groups)."""
+        return _sizes(self.layout(student)) != _sizes(student)
+
     def __post_init__(self):
+        if self.mode in ("self", "ema") and self.parallel is not None:
+            raise ConfigError(f"teacher.parallel is for a frozen teacher (teacher.mode={self.mode} uses the "
+                              "student's weights in the student's layout): remove teacher.parallel")
         if self.mode in ("self", "ema") and (self.checkpoint or self.model):
             raise ConfigError(f"teacher.mode={self.mode} uses the student's weights: remove "
                               "teacher.checkpoint/teacher.model")
@@ -433,14 +480,51 @@ class TrainConfig:
         if self.model is None and not self.checkpoint.pretrained:
             raise ConfigError("give the student: a `model:` section or checkpoint.pretrained (a converted checkpoint)")
         # Impossible splits fail here, before any rank starts (models read from checkpoints: in the Trainer).
-        for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
-            if model is not None:
-                model.check_parallel(self.parallel, role=role, trained=role == "model")
+        if self.model is not None:
+            self.model.check_parallel(self.parallel, role="model", trained=True)
+        if self.teacher.model is not None:
+            self.teacher.model.check_parallel(self.teacher_parallel, role="teacher.model", **self.teacher_parallel_names)
+        if self.teacher.own_layout(self.parallel):
+            self._check_teacher_layout()
         if self.model is not None:
             check_trainable_dtype(self.model)
         if self.algorithm.name in ("offpolicy_cd", "seqkd") and self.teacher.mode == "self":
             # Allowed (the paper's self-teacher baselines), but the teacher then changes as the student learns.
             pass
+
+    @property
+    def teacher_parallel(self) -> ParallelConfig:
+        """The teacher's layout (teacher.parallel over the student's parallel section)."""
+        return self.teacher.layout(self.parallel)
+
+    @property
+    def teacher_parallel_names(self) -> dict:
+        """check_parallel's setting names for the teacher's layout (its own, or the student's)."""
+        if self.teacher.parallel is None:
+            return {}
+        return dict(tp_name="teacher.parallel.tensor_model_parallel_size",
+                    pp_name="teacher.parallel.pipeline_model_parallel_size")
+
+    def _check_teacher_layout(self) -> None:
+        """What a teacher on its own layout does not support, each one line naming what to set."""
+        t = self.teacher_parallel
+        own = f"teacher.parallel (TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size})"
+        if self.parallel.pipeline_model_parallel_size > 1:
+            raise ConfigError(f"{own} needs a student at parallel.pipeline_model_parallel_size=1; set it to 1 or "
+                              "remove teacher.parallel (the teacher then shares the student's layout)")
+        if self.parallel.sequence_parallel:
+            raise ConfigError(f"{own} does not combine with parallel.sequence_parallel=true; set "
+                              "parallel.sequence_parallel=false or remove teacher.parallel")
+        if self.algorithm.name != "opcd":
+            raise ConfigError(f"{own} is for algorithm.name=opcd (in {self.algorithm.name} the teacher generates "
+                              "on the student's ranks); remove teacher.parallel")
+        if self.game is not None:
+            raise ConfigError(f"{own} is for prompt training (games play the teacher on the student's ranks); "
+                              "remove teacher.parallel or the game section")
+        if self.parallel.expert_model_parallel_size > 1 or (self.teacher.model is not None and self.teacher.model.is_moe):
+            # The teacher's own groups carry no expert-parallel dimension (parallel.teacher_groups).
+            raise ConfigError(f"{own} is for dense models without expert parallelism; remove teacher.parallel "
+                              "(an MoE teacher shares the student's layout and EP groups)")
 
     def divergence(self, vocab_size: Optional[int] = None) -> DivergenceSpec:
         """The divergence the loss section asks for (`LossConfig.build`)."""

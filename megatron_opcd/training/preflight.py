@@ -70,7 +70,7 @@ def teacher_config(cfg, model_config: ModelConfig, tokenizer=None) -> ModelConfi
     if t.model is not None and t.checkpoint:  # the architecture first: a wrong one explains the rest
         check_matches_checkpoint(t.model, read_model_config(t.checkpoint), t.checkpoint, role="teacher.model")
     check_same_vocabulary(model_config, tc)
-    tc.check_parallel(cfg.parallel, role="teacher")
+    tc.check_parallel(cfg.teacher_parallel, role="teacher", **cfg.teacher_parallel_names)
     if tokenizer is not None and t.checkpoint and tokenizer_dir(t.checkpoint) is not None:
         from megatron_opcd.data.tokenizer import load_tokenizer
 

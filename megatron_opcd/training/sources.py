@@ -136,7 +136,8 @@ class PromptSource:
         return dict(student=t.student, teacher=t.teacher_model, tokenizer=t.tokenizer, renderer=t.renderer,
                     examples=examples, contexts=t.sampler.for_batch(examples, step), groups=t.groups,
                     sampling=t.sampling(step, greedy=e.greedy, max_new_tokens=e.max_new_tokens, salt=17),
-                    vocab_size=t.model_config.vocab_size, temperature=t.cfg.loss_temperature, prefixes=t.prefixes)
+                    vocab_size=t.model_config.vocab_size, temperature=t.cfg.loss_temperature, prefixes=t.prefixes,
+                    teacher_scorer=t.score_teacher_rows if t.routed is not None else None)
 
     def heldout_kl(self, examples: list[Example], step: int) -> tuple[float, list[list[int]]]:
         """(exact KL(student || teacher with the context) per response token, this rank's greedy

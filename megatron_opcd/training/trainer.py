@@ -51,7 +51,7 @@ from megatron_opcd.losses.diagnostics import warning_line
 from megatron_opcd.models import build_model, check_same_vocabulary
 from megatron_opcd.models.builder import check_same_tokenizer
 from megatron_opcd.models.moe import RouterStats, load_balance_metrics
-from megatron_opcd.parallel import ParallelGroups, dp_share
+from megatron_opcd.parallel import ParallelGroups, dp_share, teacher_groups
 from megatron_opcd.training.config import TrainConfig, to_yaml_dict
 from megatron_opcd.training.ema import EMATeacher, ema_model_config
 from megatron_opcd.training.engine import (
@@ -69,6 +69,7 @@ from megatron_opcd.training.optimizer import build_optimizer
 from megatron_opcd.training.preempt import Preemption, StepAbandoned, signal_name
 from megatron_opcd.training.preflight import preflight
 from megatron_opcd.training.sources import PromptSource, Rollout, RolloutSource
+from megatron_opcd.training.teacher_route import RoutedTeacher
 from megatron_opcd.training import state as ckpt_state
 
 
@@ -145,6 +146,16 @@ class Trainer:
         # The teacher's shared prefixes: frozen, a context's cache lasts the run; `teacher: self`
         # clears them after every optimizer step (update()).
         self.prefixes = TeacherPrefix(self.renderer, groups=groups)
+        self.routed = None  # teacher.parallel: rows to the teacher's ranks, logits back in the student's sharding
+        if self.teacher_groups is not groups:
+            self.routed = RoutedTeacher(
+                self.teacher, student=groups, teacher=self.teacher_groups,
+                prefixes=TeacherPrefix(self.renderer, groups=self.teacher_groups),
+                vocab_size=self.model_config.vocab_size, pad_id=self.tokenizer.pad_id,
+                student_padded=self.model_config.padded_vocab_size(groups.tp_size),
+                teacher_padded=self.teacher_config.padded_vocab_size(self.teacher_groups.tp_size),
+                dtype=self.teacher_config.torch_dtype,
+            )
         self.stream = PromptStream(checked.examples, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
         self.eval_examples = checked.eval_examples
         self.eval_task = checked.task
@@ -195,6 +206,7 @@ class Trainer:
     def _build_teacher(self):
         t = self.cfg.teacher
         self.ema = None
+        self.teacher_groups = self.groups  # the student's, unless teacher.parallel gives the teacher its own
         if t.mode == "self":
             self.teacher_config = self.model_config
             return None
@@ -213,8 +225,12 @@ class Trainer:
             from megatron_opcd.data.tokenizer import load_tokenizer
 
             check_same_tokenizer(self.tokenizer, load_tokenizer(tokenizer_dir(t.checkpoint)), f"{t.checkpoint}/tokenizer")
-        self.teacher_config.check_parallel(self.cfg.parallel, role="teacher")
-        teacher = build_model(self.teacher_config, "teacher", groups=self.groups, seed=t.seed, init=True)
+        self.teacher_config.check_parallel(self.cfg.teacher_parallel, role="teacher", **self.cfg.teacher_parallel_names)
+        if self.cfg.teacher.own_layout(self.cfg.parallel):  # teacher.parallel: process groups of its own
+            layout = self.cfg.teacher_parallel
+            self.teacher_groups = teacher_groups(layout.tensor_model_parallel_size,
+                                                 layout.pipeline_model_parallel_size)
+        teacher = build_model(self.teacher_config, "teacher", groups=self.teacher_groups, seed=t.seed, init=True)
         if t.checkpoint:
             load_model_weights(teacher, t.checkpoint)
         return teacher
@@ -290,11 +306,20 @@ class Trainer:
         from megatron_opcd.generation import score
 
         view = rollout.teacher_rows(rows)
+        if self.routed is not None:  # the teacher on its own layout: the same score, on its ranks
+            return self.routed(view)
         prefix = self.prefixes.tokens(view.starts, view.contexts)
         res = score(self.teacher_model, **view.without_prefix(len(prefix)), groups=self.groups,
                     prefix=self.prefixes.cache(self.teacher_model, prefix),
                     vocab_size=self.model_config.vocab_size, pad_id=self.tokenizer.pad_id)
         return res.logits
+
+    def score_teacher_rows(self, prompts: list[list[int]], contexts: list, responses: list[list[int]]):
+        """A teacher on its own layout scoring evaluation rows (`evaluation.runner`'s teacher_scorer):
+        this student rank's `[R, b, v/tp]`. Every rank of the world calls it, with or without rows."""
+        from megatron_opcd.training.sources import TeacherRows
+
+        return self.routed(TeacherRows(prompts, contexts, prompts=prompts, responses=responses))
 
     def _micro_batches(self, rollout: Rollout, teacher_logits: list[TeacherLogits]) -> list[PendingMicroBatch]:
         """The one micro-batch path of every source: the rollout packs each micro-batch's rows on

@@ -145,22 +145,27 @@ def moe_suite(layouts: list[dict], generation: list[dict] = ()) -> dict:
     return {"layouts": many_moe_layouts(layouts), "generation": [moe_generation(**kw) for kw in generation]}
 
 
-def moe_train_steps(cases: list[tuple[str, list[str]]], steps: int = 1) -> list[dict]:
-    """Whole-trainer steps for several cases (config file, overrides) in one launch: per case the
-    logged metrics of each step and this rank's share of one copy of the student's full weights
-    after them (`join_weights` joins the ranks')."""
+def moe_train_steps(cases: list[tuple], steps: int = 1) -> list[dict]:
+    """Whole-trainer steps for several cases (config file, overrides[, steps]) in one launch: per
+    case the logged metrics of each step and this rank's share of one copy of the student's full
+    weights after them (`join_weights` joins the ranks'). A case with checkpoint.save set saves
+    after its steps."""
     from megatron_opcd import parallel
     from megatron_opcd.models.sharding import is_expert_parameter
     from megatron_opcd.training.config import load_train_config
     from megatron_opcd.training.trainer import Trainer
 
     out = []
-    for config_path, overrides in cases:
+    for config_path, overrides, *case_steps in cases:
         cfg = load_train_config(config_path, overrides)
         groups = parallel.initialize(cfg.parallel)
         trainer = Trainer(cfg, groups)
         teacher_aux = trainer.teacher.config.moe_aux_loss_coeff if trainer.teacher is not None else None
-        history = [trainer.train_step().metrics for _ in range(steps)]
+        history = [trainer.train_step().metrics for _ in range(case_steps[0] if case_steps else steps)]
+        if trainer.run_dir is not None:
+            trainer.save()
+            if trainer.run_lock is not None:  # rank 0 holds it
+                trainer.run_lock.release()  # the next case may resume from it
         weights = full_tensors(trainer.student, groups, grads=False)
         # One copy of each: dense weights from DP rank 0's TP rank 0; experts (each EP rank holds
         # its own) from expert-TP rank 0 of the first expert-data-parallel replica.

@@ -1,7 +1,7 @@
 """The trainer with mixture-of-experts models (issue 23): one OPCD step with an MoE teacher and
 a dense student at EP2 equals EP1; an MoE student step at EP2 x DP2 (4 ranks) equals one process
 (losses, load-balance metrics, updated weights, 1e-5); an MoE student with `teacher: self` and
-`teacher: ema` at EP2 equals one process; the router's auxiliary loss is on for a student that
+`teacher: ema` at EP2 equals one process; a checkpoint at EP2 resumes exactly; the router's auxiliary loss is on for a student that
 asks for it (it changes the update) and off for a frozen teacher.
 
 Greedy rollouts (sampling seeds depend on the DP rank), fp32, Adam, one step, micro-batches of one
@@ -45,8 +45,11 @@ def runs(run_ranks, tmp_path_factory):
     moe_student = _config(root / "b", common, MOE, {"model": dict(DENSE, hidden_size=48), "seed": 99})
     one = run_ranks(moe_train_steps, 1, [(moe_teacher, []), (moe_student, []), (moe_student, AUX),
                                          (moe_student, SELF), (moe_student, EMA)], timeout=400)[0]
-    two = run_ranks(moe_train_steps, 2, [(moe_teacher, EP2), (moe_student, EP2 + SELF),
-                                         (moe_student, EP2 + EMA)], timeout=400)
+    ckpt, two_steps = str(root / "ckpt_ep2"), ["schedule.steps=2"]
+    two = run_ranks(moe_train_steps, 2, [(moe_teacher, EP2), (moe_student, EP2 + SELF), (moe_student, EP2 + EMA),
+                                         (moe_student, EP2 + two_steps + [f"checkpoint.save={ckpt}"], 1),
+                                         (moe_student, EP2 + two_steps + [f"checkpoint.load={ckpt}"], 1),
+                                         (moe_student, EP2 + two_steps, 2)], timeout=400)
     four = run_ranks(moe_train_steps, 4, [(moe_student, EP2)], timeout=500)
 
     def case(ranks, i):
@@ -57,6 +60,7 @@ def runs(run_ranks, tmp_path_factory):
         "teacher_ep1": case([one], 0), "student_ep1": case([one], 1), "student_aux": case([one], 2),
         "self_ep1": case([one], 3), "ema_ep1": case([one], 4),
         "teacher_ep2": case(two, 0), "self_ep2": case(two, 1), "ema_ep2": case(two, 2),
+        "resumed_ep2": case(two, 4), "uninterrupted_ep2": case(two, 5),
         "student_ep2dp2": case(four, 0),
     }
 
@@ -116,3 +120,13 @@ def test_expert_lockstep_refuses_what_would_hang(tmp_path):
     cfg.context.selection = "random"
     with pytest.raises(ConfigError, match="needs context.selection=fixed"):
         check_expert_lockstep(cfg, dp_size=2, ep_size=2, moe=True, num_eval=4)
+
+
+def test_moe_student_resumes_at_ep2(runs):
+    """A trainer checkpoint of an MoE student at EP2 (weights, Adam state of every expert, the
+    schedule) resumes: step 2 after a resume equals step 2 of an uninterrupted run."""
+    resumed, full = runs["resumed_ep2"], runs["uninterrupted_ep2"]
+    assert resumed["metrics"][0]["loss"] == pytest.approx(full["metrics"][1]["loss"], rel=1e-6)
+    assert set(resumed["weights"]) == set(full["weights"])
+    for name, w in full["weights"].items():
+        assert_f32_close(resumed["weights"][name], w, msg=f"{name} after the resumed step")

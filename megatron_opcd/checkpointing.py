@@ -429,9 +429,13 @@ def save_model_weights(model, folder: str | Path) -> None:
     dist_checkpointing.save(sharded, str(target), async_sharded_save=False)
 
 
-def load_model_weights(model, folder: str | Path, *, strict: bool = True, verify: bool = True) -> None:
+def load_model_weights(model, folder: str | Path, *, strict: bool = True, verify: bool = True,
+                       groups=None) -> None:
     """Load folder/model into `model` at this process's TP/PP layout (collective). A complete
-    checkpoint (with its marker) is verified first (`verify_checkpoint` of model/)."""
+    checkpoint (with its marker) is verified first (`verify_checkpoint` of model/). `groups`: the
+    model's own ParallelGroups where they are not megatron's global ones (a teacher on its own
+    layout): its DP group then names the shards' replicas (megatron reads the global one otherwise,
+    and two TP shards of the teacher would both look like replicas of one)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -444,7 +448,8 @@ def load_model_weights(model, folder: str | Path, *, strict: bool = True, verify
         raise CheckpointError(f"{folder} has no model/ folder: not a megatron-opcd checkpoint; point at a folder "
                               "written by the trainer or tools/convert_checkpoint.py")
     module = unwrap(model)
-    sharded = module.sharded_state_dict(prefix="")
+    metadata = {"dp_cp_group": groups.pg_collection.dp_cp} if groups is not None else None
+    sharded = module.sharded_state_dict(prefix="", metadata=metadata)
     try:
         state = dist_checkpointing.load(
             sharded, str(source), strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL

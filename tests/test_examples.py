@@ -54,14 +54,21 @@ def test_example_loads_and_matches_its_name(path):
     cfg.check_batches(dp)  # global batch divides over micro-batch x DP
     cfg.model.check_parallel(cfg.parallel)
     if cfg.teacher.model is not None:
-        cfg.teacher.model.check_parallel(cfg.parallel, "teacher")
+        cfg.teacher.model.check_parallel(cfg.teacher_parallel, "teacher")
         assert cfg.teacher.model.vocab_size == cfg.model.vocab_size
+    # A teacher on its own layout says so in the name (`_teacher-qwen3-8b-tp2_`), and only then.
+    own = re.search(r"_teacher-[^_]+-tp(\d+)_", path.stem)
+    assert cfg.teacher.own_layout(cfg.parallel) == bool(own), path.name
+    if own:
+        assert cfg.teacher_parallel.tensor_model_parallel_size == int(own.group(1))
     # The paper's hyperparameters.
     assert cfg.schedule.steps == 50 and cfg.schedule.global_batch_size == 128
     assert cfg.optimizer.lr in (1e-6, 5e-6)
     assert cfg.loss.topk == 256 and cfg.loss_topk_from == "student" and cfg.loss_kind == "reverse_kl"
     # The off-policy baseline from the same file: forward KL on the teacher's samples, over the teacher's top-k.
-    off = load_train_config(str(path), ["algorithm.name=offpolicy_cd"])
+    # (A teacher on its own layout generates on the student's ranks there: back to the student's layout.)
+    shared = ["teacher.parallel.tensor_model_parallel_size=" + str(cfg.parallel.tensor_model_parallel_size)] * bool(own)
+    off = load_train_config(str(path), ["algorithm.name=offpolicy_cd", *shared])
     assert off.loss_kind == "forward_kl" and off.loss_topk_from == "teacher"
     assert cfg.generation.temperature == 1.0 and cfg.loss_temperature == 1.0
     assert cfg.model.params_dtype == "bf16" and cfg.model.transformer_impl == "transformer_engine"

@@ -6,9 +6,9 @@ examples/prepare_data.py; 2 steps with an evaluation and a checkpoint, SIGUSR1 i
 requeue), the resumed job finishing step 3, megatron-to-hf and transformers loading the export.
 
 `make test` rehearses all 13 (spread over the pytest-xdist workers, one group per example);
-`OPCD_REHEARSAL=ci` only three that between them cover every option the 13 use (TP=2 with sequence
-parallelism and the distributed optimizer, a larger frozen teacher, an experience pool, Qwen3
-QK-norm, Llama 3 rope scaling with tied embeddings and a system prompt file, the math and choice
+`OPCD_REHEARSAL=ci` only four that between them cover every option the 13 use (TP=2 with sequence
+parallelism and the distributed optimizer, a larger frozen teacher on its own TP layout, an
+experience pool, Qwen3 QK-norm, Llama 3 rope scaling with tied embeddings and a system prompt file, the math and choice
 graders, a multi-turn game with `teacher: self`).
 """
 
@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import rehearse  # noqa: E402
 
-CI = ("opcd_qwen3-1.7b_math_teacher-qwen3-8b_1n8g_tp2pp1", "opcd_llama3.2-3b_medical_1n8g_tp1pp1",
-      "opcd_qwen3-1.7b_frozenlake_1n8g_tp1pp1")
+CI = ("opcd_qwen3-1.7b_math_teacher-qwen3-8b-tp2_1n8g_tp1pp1", "opcd_qwen3-8b_math_2n8g_tp2pp1",
+      "opcd_llama3.2-3b_medical_1n8g_tp1pp1", "opcd_qwen3-1.7b_frozenlake_1n8g_tp1pp1")
 ALL = [e.stem for e in rehearse.EXAMPLES]
-# Every example by default (`make test`, `make rehearsal`); OPCD_REHEARSAL=ci rehearses the three
+# Every example by default (`make test`, `make rehearsal`); OPCD_REHEARSAL=ci rehearses the four
 # above only (a quicker check while working on the trainer), =none none.
 _CHOICE = os.environ.get("OPCD_REHEARSAL", "all")
 if _CHOICE not in ("all", "ci", "none"):

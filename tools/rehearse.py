@@ -9,7 +9,8 @@ For each `examples/opcd_*.yaml`, as a user has it, through its own `slurm/<name>
 * the model made tiny, same family and options (GQA, QK-norm, biases, tied or not, rope scaling;
   the teacher larger than the student where the example's is), fp32, local layers, gloo;
 * the topology scaled down keeping its shape (tp2pp1: 4 ranks, TP=2 x DP=2 with its sequence
-  parallelism and distributed optimizer; tp1pp1: 2 ranks, DP=2), batch 4, 8 new tokens per turn;
+  parallelism and distributed optimizer; tp1pp1: 2 ranks, DP=2; a teacher with its own layout keeps
+  it, e.g. TP=2 on those 2 ranks), batch 4, 8 new tokens per turn;
 * its data made by examples/prepare_data.py from the small files in tests/fixtures/rehearsal (the
   real sets' formats: parquet, CSV, JSONL), its context (system prompt file or experience pool)
   and evaluation task on, and "converted checkpoints" written as the trainer writes them.

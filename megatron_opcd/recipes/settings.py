@@ -56,9 +56,9 @@ def _game(model: str, game: str) -> tuple[str, ...]:
 
 SETTINGS: dict[str, Setting] = {
     "opcd_qwen3_8b_math": Setting("opcd_qwen3-8b_math_2n8g_tp2pp1", _math("qwen3-8b", "qwen3-8b")),
-    "opcd_qwen3_1_7b_math_teacher_qwen3_8b": Setting("opcd_qwen3-1.7b_math_teacher-qwen3-8b_1n8g_tp2pp1",
+    "opcd_qwen3_1_7b_math_teacher_qwen3_8b": Setting("opcd_qwen3-1.7b_math_teacher-qwen3-8b-tp2_1n8g_tp1pp1",
                                                      _math("qwen3-1.7b", "qwen3-8b")),
-    "opcd_qwen3_4b_math_teacher_qwen3_8b": Setting("opcd_qwen3-4b_math_teacher-qwen3-8b_1n8g_tp2pp1",
+    "opcd_qwen3_4b_math_teacher_qwen3_8b": Setting("opcd_qwen3-4b_math_teacher-qwen3-8b-tp2_1n8g_tp1pp1",
                                                    _math("qwen3-4b", "qwen3-8b")),
     "opcd_llama3_1_8b_medical": Setting("opcd_llama3.1-8b_medical_1n8g_tp2pp1", _system_prompt("llama3.1-8b", "medical")),
     "opcd_llama3_1_8b_safety": Setting("opcd_llama3.1-8b_safety_1n8g_tp2pp1", _system_prompt("llama3.1-8b", "safety")),

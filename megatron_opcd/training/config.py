@@ -516,8 +516,11 @@ class TrainConfig:
             raise ConfigError(f"{own} does not combine with parallel.sequence_parallel=true; set "
                               "parallel.sequence_parallel=false or remove teacher.parallel")
         if self.algorithm.name != "opcd":
+            p = self.parallel
             raise ConfigError(f"{own} is for algorithm.name=opcd (in {self.algorithm.name} the teacher generates "
-                              "on the student's ranks); remove teacher.parallel")
+                              "on the student's ranks); put the teacher in the student's layout: "
+                              f"teacher.parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} "
+                              f"teacher.parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
         if self.game is not None:
             raise ConfigError(f"{own} is for prompt training (games play the teacher on the student's ranks); "
                               "remove teacher.parallel or the game section")

@@ -232,7 +232,8 @@ class Trainer:
                                                  layout.pipeline_model_parallel_size)
         teacher = build_model(self.teacher_config, "teacher", groups=self.teacher_groups, seed=t.seed, init=True)
         if t.checkpoint:
-            load_model_weights(teacher, t.checkpoint)
+            load_model_weights(teacher, t.checkpoint,
+                               groups=self.teacher_groups if self.teacher_groups is not self.groups else None)
         return teacher
 
     @property

@@ -58,6 +58,7 @@ def suite(tp: int, pp: int, sp: bool = False, model_kwargs: dict | None = None) 
     res["sampled"] = _out(generate(model, PROMPTS, sampled, groups=groups, vocab_size=v))
     cache = prefill_prefix(model, PREFIX, groups=groups)
     res["sampled_prefix"] = _out(generate(model, PROMPTS, sampled, groups=groups, vocab_size=v, prefix=cache))
+    res["compiled"] = compiled_checks(model, groups, v, cache)
     res["training_after"] = model.training
     res["sp_after"] = model.config.sequence_parallel
     for name, prefix in (("score", None), ("score_prefix", cache)):
@@ -66,6 +67,42 @@ def suite(tp: int, pp: int, sp: bool = False, model_kwargs: dict | None = None) 
         if out.logits is not None:
             res[name].update(logits=_gather_vocab(out.logits, groups), shard=out.logits.shape[-1],
                              logprobs=out.logprobs)
+    return res
+
+
+def compiled_checks(model, groups, v: int, cache) -> dict:
+    """The compiled decode step (compile_decode="on") beside the eager one (compared by the test):
+    greedy, and sampled with a prefix and an EOS that ends rows at different steps (the batch
+    compacts: 4 rows -> 2 -> 1, each a bucket of its own); and the eager loop with and without
+    compaction. One span bucket (64 slots) covers every call: a compile per batch bucket."""
+    import time
+
+    from megatron_opcd.generation import SamplingParams, generate, loop
+
+    greedy = SamplingParams(max_new_tokens=N, greedy=True)
+    sampled = SamplingParams(max_new_tokens=N, temperature=0.8, top_k=50, top_p=0.95, seed=5)
+    eager_sampled = generate(model, PROMPTS, sampled, groups=groups, vocab_size=v, prefix=cache)
+    # EOS ids: tokens sampled at different steps of different rows, so rows finish one by one.
+    eos = tuple({eager_sampled.responses[i][i + 1] for i in range(len(PROMPTS))})
+    sampled_eos = SamplingParams(max_new_tokens=N, temperature=0.8, top_k=50, top_p=0.95, seed=5, eos_ids=eos)
+    res = {"eos_ids": eos}
+    start = time.perf_counter()
+    for name, params, kw in (("greedy", greedy, {}), ("sampled_eos", sampled_eos, {"prefix": cache})):
+        on = SamplingParams(**{**params.__dict__, "compile_decode": "on"})
+        out = generate(model, PROMPTS, on, groups=groups, vocab_size=v, **kw)
+        res[name] = {**_out(out), "compile_seconds": out.compile_seconds}
+        res["eager_" + name] = _out(generate(model, PROMPTS, params, groups=groups, vocab_size=v, **kw))
+    res["seconds"] = time.perf_counter() - start
+    # The same compiled call again: every bucket is traced already (no compile time).
+    on = SamplingParams(**{**sampled_eos.__dict__, "compile_decode": "on"})
+    again = generate(model, PROMPTS, on, groups=groups, vocab_size=v, prefix=cache)
+    res["again"] = {**_out(again), "compile_seconds": again.compile_seconds}
+    loop.COMPACT_FINISHED_ROWS = False
+    try:
+        res["uncompacted_sampled_eos"] = _out(generate(model, PROMPTS, sampled_eos, groups=groups, vocab_size=v,
+                                                       prefix=cache))
+    finally:
+        loop.COMPACT_FINISHED_ROWS = True
     return res
 
 

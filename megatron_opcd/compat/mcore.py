@@ -51,6 +51,9 @@ ASSUMPTIONS = {
                                 "module's sequence_parallel",
     "local_spec_norms": "get_gpt_layer_local_spec().submodules has input_layernorm and pre_mlp_layernorm; "
                         "TransformerBlockSubmodules(layer_specs=, layer_norm=) sets the final norm",
+    "viewless_tensor": "megatron.core.utils.make_viewless_tensor makes its viewless tensors through the "
+                       "module-level _kernel_make_viewless_tensor(inp, requires_grad) (which sets .data, "
+                       "something torch.compile cannot trace)",
     # DistributedDataParallel (distributed/distributed_data_parallel.py, param_and_grad_buffer.py)
     "ddp_grad_buffers": "DistributedDataParallel accumulates gradients into param.main_grad and clears them "
                         "with zero_grad_buffer()",
@@ -135,6 +138,28 @@ def attention_cores(module):
     """(layer_number, core_attention module) per layer of this stage (assumption layer_anatomy)."""
     for layer in module.decoder.layers:
         yield layer.self_attention.layer_number, layer.self_attention.core_attention
+
+
+def make_viewless_traceable() -> None:
+    """Let torch.compile trace megatron's layers (assumption viewless_tensor): their outputs go
+    through `make_viewless_tensor`, which swaps `.data` of a fresh tensor, a graph break in every
+    layer. While compiling, the wrapper returns the tensor as it is (a traced graph has no views
+    to detach from, and the compiled decode step runs without autograd); eager calls, training's
+    included, run megatron's own function. Idempotent."""
+    from megatron.core import utils
+
+    original = utils._kernel_make_viewless_tensor
+    if getattr(original, "opcd_traceable", False):
+        return
+
+    @functools.wraps(original)
+    def kernel(inp, requires_grad):
+        if torch.compiler.is_compiling():
+            return inp
+        return original(inp, requires_grad)
+
+    kernel.opcd_traceable = True
+    utils._kernel_make_viewless_tensor = kernel
 
 
 def local_linear_classes() -> tuple[type, type]:

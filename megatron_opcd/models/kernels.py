@@ -76,6 +76,7 @@ class KVCacheAttention:
     kv_layer = 0  # this layer's key in the cache (SelfAttention.layer_number), set by attach
     kv_scale = 1.0  # softmax scale, set by attach
     kv_interleaved = False  # RoPE on interleaved channel pairs, set by attach
+    kv_static = None  # this layer's (keys, values) buffers during a compiled static step (generation/compiled.py)
 
     def forward(self, query, key, value, attention_mask=None, *args, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
@@ -91,7 +92,10 @@ class KVCacheAttention:
             key = _rotate(key, cache.cos, cache.sin, self.kv_interleaved)
         s, b, h, d = query.shape
         g = key.shape[2]
-        k, v = cache.write(self.kv_layer, key, value)  # [b, g, S, d]
+        if self.kv_static is not None:  # the buffers, not the layer number: no per-layer constant in a traced graph
+            k, v = cache.write_static(self.kv_static, key, value)  # [b, g, span, d]
+        else:
+            k, v = cache.write(self.kv_layer, key, value)  # [b, g, S, d]
         # Query head i reads KV group i // r (megatron's grouping): fold the r heads of a group into
         # the query axis, [s, b, g*r, d] -> [b, g, r*s, d], and every group attends with its own keys.
         q = query.permute(1, 2, 0, 3).reshape(b, g, (h // g) * s, d)

@@ -352,11 +352,18 @@ def test_eos_stop_string_and_length(single):
 # The compiled decode step, finished rows leaving the batch, incremental stop strings
 
 
-@pytest.mark.parametrize("layout", ["one", "tp2", "pp2"])
-def test_compiled_step_decodes_like_the_eager_one(single, request, layout):
+def test_compiled_step_decodes_like_the_eager_one(single):
     """Greedy tokens equal, sampled (prefix, rows ending on EOS at different steps: the batch
     compacts) tokens equal and log-probs within float32 tolerance; a second call compiles nothing."""
-    ranks = [single["suite"]] if layout == "one" else request.getfixturevalue("two_ranks")[layout]
+    _compiled_like_eager([single["suite"]], "one process")
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_layouts_compiled_step_decodes_like_the_eager_one(two_ranks, layout):
+    _compiled_like_eager(two_ranks[layout], layout)
+
+
+def _compiled_like_eager(ranks: list, layout: str) -> None:
     for r in ranks:
         c = r["compiled"]
         assert c["greedy"]["responses"] == c["eager_greedy"]["responses"] == r["greedy"]["responses"]

@@ -205,15 +205,15 @@ def smollm2(args, groups):
           f"tokens; one-thread stream {gbps:.1f} GB/s -> floor {floor_ms:.1f} ms a step "
           f"(weights + {kv_bytes / 1e6:.1f} MB of keys/values); load {loadavg()}", flush=True)
     run_ours(model, prompts[:2], argparse.Namespace(**{**vars(sargs), "new_tokens": 4}), groups, cfg.vocab_size,
-             compile_decode="off")  # warm-up
+             compile_decode="never")  # warm-up
     run_hf(hf, prompts[:2], argparse.Namespace(**{**vars(sargs), "new_tokens": 4}))
     with Clock() as first:  # the first compiled call: every bucket of this shape is traced here
-        _, _, c = run_ours(model, prompts, sargs, groups, cfg.vocab_size, compile_decode="on")
+        _, _, c = run_ours(model, prompts, sargs, groups, cfg.vocab_size, compile_decode="always")
     print(f"first compiled call: {first.wall:.1f} s, of which compiling {c.compile:.1f} s; load {loadavg()}",
           flush=True)
     best = {"eager": (float("inf"),), "compiled": (float("inf"),), "hf": None}
     for _ in range(args.smollm2_repeats):  # interleaved: a burst of load elsewhere hits all three
-        for name, mode in (("eager", "off"), ("compiled", "on")):
+        for name, mode in (("eager", "never"), ("compiled", "always")):
             ms, toks, n, c = decode_ms(run_ours, model, prompts, sargs, groups, cfg.vocab_size, mode)
             if ms < best[name][0]:
                 best[name] = (ms, toks, n / c.wall)
@@ -247,7 +247,7 @@ def profile_steps(model, prompts, args, groups, vocab):
 
     short = argparse.Namespace(**{**vars(args), "new_tokens": 16})
     with profile() as prof:
-        run_ours(model, prompts, short, groups, vocab, compile_decode="on")
+        run_ours(model, prompts, short, groups, vocab, compile_decode="always")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 

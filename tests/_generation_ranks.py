@@ -71,7 +71,7 @@ def suite(tp: int, pp: int, sp: bool = False, model_kwargs: dict | None = None) 
 
 
 def compiled_checks(model, groups, v: int, cache) -> dict:
-    """The compiled decode step (compile_decode="on") beside the eager one (compared by the test):
+    """The compiled decode step (compile_decode="always") beside the eager one (compared by the test):
     greedy, and sampled with a prefix and an EOS that ends rows at different steps (the batch
     compacts: 4 rows -> 2 -> 1, each a bucket of its own); and the eager loop with and without
     compaction. One span bucket (64 slots) covers every call: a compile per batch bucket."""
@@ -88,13 +88,13 @@ def compiled_checks(model, groups, v: int, cache) -> dict:
     res = {"eos_ids": eos}
     start = time.perf_counter()
     for name, params, kw in (("greedy", greedy, {}), ("sampled_eos", sampled_eos, {"prefix": cache})):
-        on = SamplingParams(**{**params.__dict__, "compile_decode": "on"})
+        on = SamplingParams(**{**params.__dict__, "compile_decode": "always"})
         out = generate(model, PROMPTS, on, groups=groups, vocab_size=v, **kw)
         res[name] = {**_out(out), "compile_seconds": out.compile_seconds}
         res["eager_" + name] = _out(generate(model, PROMPTS, params, groups=groups, vocab_size=v, **kw))
     res["seconds"] = time.perf_counter() - start
     # The same compiled call again: every bucket is traced already (no compile time).
-    on = SamplingParams(**{**sampled_eos.__dict__, "compile_decode": "on"})
+    on = SamplingParams(**{**sampled_eos.__dict__, "compile_decode": "always"})
     again = generate(model, PROMPTS, on, groups=groups, vocab_size=v, prefix=cache)
     res["again"] = {**_out(again), "compile_seconds": again.compile_seconds}
     loop.COMPACT_FINISHED_ROWS = False

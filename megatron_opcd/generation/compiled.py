@@ -24,8 +24,8 @@ first call of each bucket cost.
 
 Where it pays (`SamplingParams.compile_decode`, the trainer's `generation.compile_decode`):
 "auto" compiles when the stage's weights are at least `AUTO_MIN_PARAMS` parameters (below that, the
-compile, tens of seconds on a loaded CPU, costs more than a run saves; docs/performance.md), "on"
-always, "off" never. A compile that fails (no C++ compiler for inductor, an unsupported op) falls
+compile, tens of seconds on a loaded CPU, costs more than a run saves; docs/performance.md),
+"always" always, "never" never (not on/off: YAML reads those as booleans). A compile that fails (no C++ compiler for inductor, an unsupported op) falls
 back to the eager step and says so once.
 """
 
@@ -40,7 +40,7 @@ import torch
 
 from megatron_opcd.compat import mcore
 
-COMPILE_MODES = ("auto", "on", "off")
+COMPILE_MODES = ("auto", "always", "never")
 """Values of `SamplingParams.compile_decode`."""
 
 AUTO_MIN_PARAMS = 50_000_000
@@ -74,9 +74,9 @@ def wanted(mode: str, module) -> bool:
     """Whether `generate` runs the compiled step for this stage under `mode` (see the module doc)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile_decode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    if mode == "off" or _FAILED:
+    if mode == "never" or _FAILED:
         return False
-    if mode == "on":
+    if mode == "always":
         return True
     return sum(p.numel() for p in module.parameters()) >= AUTO_MIN_PARAMS
 
@@ -121,7 +121,7 @@ def timed_first_call(key, run):
     except Exception as exc:  # noqa: BLE001 - any compile failure means: eager from now on, said once
         _FAILED.append(exc)
         print(f"[megatron-opcd] the compiled decode step failed ({type(exc).__name__}: {str(exc)[:200]}); "
-              "decoding eagerly from now on (generation.compile_decode=off silences this)", file=sys.stderr)
+              "decoding eagerly from now on (generation.compile_decode=never silences this)", file=sys.stderr)
         raise
     seconds = time.perf_counter() - start
     _COMPILE_SECONDS[key] = seconds

@@ -44,7 +44,7 @@ class SamplingParams:
 
     compile_decode: str = "auto"
     """The compiled decode step (generation/compiled.py): "auto" (stages of >= 50M parameters,
-    where the compile pays), "on" or "off" (the eager step). Same tokens either way."""
+    where the compile pays), "always" or "never" (the eager step). Same tokens either way."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -57,8 +57,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.compile_decode not in ("auto", "on", "off"):
-            raise ValueError(f"SamplingParams.compile_decode must be auto, on or off, got {self.compile_decode!r}")
+        if self.compile_decode not in ("auto", "always", "never"):
+            raise ValueError(f"SamplingParams.compile_decode must be auto, always or never, got {self.compile_decode!r}")
         self.eos_ids = tuple(int(t) for t in self.eos_ids)
         self.stop_strings = tuple(self.stop_strings)
         if any(not s for s in self.stop_strings):

@@ -49,6 +49,9 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M-shaped run")
     p.add_argument("--smollm2-repeats", type=int, default=2, help="timed runs per setting at the SmolLM2 shape")
+    p.add_argument("--smollm2-shape", type=int, nargs=6, default=[30, 576, 9, 3, 1536, 49152],
+                   metavar=("LAYERS", "HIDDEN", "HEADS", "KV_HEADS", "FFN", "VOCAB"),
+                   help="the second shape (default SmolLM2-135M's; smaller for a smoke run)")
     p.add_argument("--profile", action="store_true", help="print a per-op profile of SmolLM2-shaped decode steps")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="time base of the JSON speed-ups: this process's CPU time (default: robust on a shared "
@@ -176,7 +179,6 @@ def stream_gbps(n_bytes: int, repeats: int = 5) -> float:
     return n_bytes / best / 1e9
 
 
-SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, new_tokens=64, batches=[8])
 
 
 def decode_ms(run, model, prompts, args, groups, vocab, mode):
@@ -190,7 +192,8 @@ def decode_ms(run, model, prompts, args, groups, vocab, mode):
 
 def smollm2(args, groups):
     """The SmolLM2-135M-shaped run: decode ms per step (eager, compiled) against the floor and HF."""
-    sargs = argparse.Namespace(**{**vars(args), **SMOLLM2})
+    shape = dict(zip(("layers", "hidden", "heads", "kv_heads", "ffn", "vocab"), args.smollm2_shape))
+    sargs = argparse.Namespace(**{**vars(args), **shape, "new_tokens": 64, "batches": [8]})
     hf = build_hf(sargs)
     model, cfg = build_megatron(hf, groups)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -400,7 +400,9 @@ def test_stop_strings_are_checked_on_the_tail_only():
 
     from megatron_opcd.generation.loop import stop_in_tail
 
-    pieces = ["", "a", "b", " a", " ab", "ba", "\n", "xyzxyz", "<", "/", ">", " </", "b>"]
+    # Many empty texts (special tokens, parts of a multi-byte character): a stop string can span
+    # more tokens than it has characters.
+    pieces = ["", "", "", "", "", "a", "b", " a", " ab", "ba", "\n", "xyzxyz", "<", "/", ">", " </", "b>"]
     decoded = []
 
     def decode(ids):

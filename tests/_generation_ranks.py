@@ -367,3 +367,24 @@ def suites_then_cli(runs: list[dict], workdir: str, tp: int, pp: int) -> dict:
 
     suites = many_suites(runs)
     return {"suites": suites, "cli": cli_run(workdir, str(Path(workdir) / "ckpt"), tp=tp, pp=pp)}
+
+
+def cuda_graph_check() -> dict:
+    """On a GPU: the compiled step (mode="reduce-overhead": CUDA graphs) against the eager one, on
+    the test model in fp32 (greedy tokens, log-probs) and the step times of both."""
+    import time
+
+    from megatron_opcd.generation import SamplingParams, generate
+
+    model, cfg, groups = _model(1, 1)
+    assert next(model.parameters()).is_cuda
+    res = {}
+    for mode in ("never", "always", "always"):  # the second compiled call replays the captured graphs
+        params = SamplingParams(max_new_tokens=N, greedy=True, compile_decode=mode)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = generate(model, PROMPTS, params, groups=groups, vocab_size=cfg.vocab_size)
+        torch.cuda.synchronize()
+        res.setdefault(mode, []).append({**_out(out), "seconds": time.perf_counter() - start,
+                                         "compile_seconds": out.compile_seconds})
+    return res

@@ -381,6 +381,20 @@ def _compiled_like_eager(ranks: list, layout: str) -> None:
           f"of {first['seconds']:.1f} s for 4 compiled + eager calls")
 
 
+@pytest.mark.gpu
+def test_compiled_step_with_cuda_graphs_decodes_like_the_eager_one(run_ranks):
+    """On a GPU the compiled step runs with mode="reduce-overhead" (CUDA graphs): greedy tokens of
+    the eager step, log-probs within float32 tolerance, and a second call compiles nothing."""
+    from _generation_ranks import cuda_graph_check
+
+    r = run_ranks(cuda_graph_check, 1, timeout=600)[0]
+    eager, (first, again) = r["never"][0], r["always"]
+    assert first["responses"] == again["responses"] == eager["responses"]
+    assert_f32_close(torch.tensor(sum(first["logprobs"], [])), torch.tensor(sum(eager["logprobs"], [])))
+    assert again["compile_seconds"] == 0.0
+    print(f"\neager {eager['seconds']:.3f} s, compiled {again['seconds']:.3f} s (compile {first['compile_seconds']:.1f} s)")
+
+
 def test_finished_rows_leave_the_batch_with_the_same_tokens(single):
     """Compaction (rows ending on EOS leave the batch) against the loop that decodes every row to
     the end: the same tokens, reasons and (within float32 tolerance) log-probs."""

@@ -24,13 +24,14 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(run_ranks, workdir):
-    return run_ranks(single_process_with_cli, 1, workdir, timeout=300)[0]
+    # 600 s: the compiled step's checks compile (30-100 s on a loaded 2-core box, docs/generation.md).
+    return run_ranks(single_process_with_cli, 1, workdir, timeout=600)[0]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(run_ranks, workdir, single):  # `single` wrote the checkpoint the CLI run loads
     runs = [dict(tp=2, pp=1), dict(tp=2, pp=1, sp=True), dict(tp=1, pp=2)]
-    per_rank = run_ranks(suites_then_cli, 2, runs, workdir, 2, 1, timeout=300)
+    per_rank = run_ranks(suites_then_cli, 2, runs, workdir, 2, 1, timeout=600)
     out = {name: [r["suites"][i] for r in per_rank] for i, name in enumerate(["tp2", "tp2_sp", "pp2"])}
     out["cli"] = per_rank[0]["cli"]
     return out

@@ -24,9 +24,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from megatron_opcd.generation.compiled import batch_bucket, layers_compiled, span_bucket, timed_first_call, wanted
 from megatron_opcd.compat import mcore
 from megatron_opcd.generation.cache import KVCache
+from megatron_opcd.generation.compiled import batch_bucket, layers_compiled, span_bucket, timed_first_call, wanted
 from megatron_opcd.generation.sampling import SamplingParams, sample
 from megatron_opcd.generation.stage import (
     PrefixCache,

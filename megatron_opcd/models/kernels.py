@@ -23,7 +23,8 @@ it at a KV cache for one `generate`/`score` call:
   and gradient-fusion checks: Python overhead that is a sizeable share of a CPU decode step.
   While decoding on the CPU, a step's 2-8 rows go through `native.linear_rows` (a small AVX2
   kernel that reads each weight row once; 1.3x MKL's sgemm at 8 rows), one row (and more than
-  8) through an `[in, out]` copy of the weight (see `attach`).
+  8, up to `PREFILL_ROWS`) through an `[in, out]` copy of the weight (see `attach`); a prefill
+  through the stock layout.
 
 The subclasses add no parameter, buffer or submodule: state dicts, checkpoints, DDP and the
 optimizer see megatron's modules. `attach` changes no module, only what the built ones read.
@@ -157,6 +158,10 @@ def cascade_attention(q, prefix_k, prefix_v, k, v, bias, scale: float) -> torch.
     return out.to(q.dtype).contiguous()
 
 
+PREFILL_ROWS = 64
+"""Calls of more rows than this (a prefill) multiply by the stock `[out, in]` weight, never a copy."""
+
+
 class ForwardOnlyLinear:
     """Mixin over megatron-core's local `ColumnParallelLinear` / `RowParallelLinear` (sequence
     parallelism off, as `stage.inference_mode` guarantees while attached): megatron's forward, or,
@@ -180,6 +185,10 @@ class ForwardOnlyLinear:
             rows = x.reshape(-1, x.shape[-1])  # [s*b, in]: a view for a decode step's [1, b, in]
             if native.supports(rows, weight):
                 return native.linear_rows(rows, weight).view(*x.shape[:-1], weight.shape[0])
+        if x.numel() > PREFILL_ROWS * x.shape[-1]:
+            # A prefill: compute-bound, MKL is as fast on the stock layout; a copy of every weight
+            # here (what a batch-8 decode then never reads again) cost ~0.4 s a call at SmolLM2's shape.
+            return F.linear(x, weight)
         if self._copy is None or self._copy[0] is not weight:
             self._copy = (weight, weight.detach().t().contiguous())
         return torch.matmul(x, self._copy[1])

@@ -14,22 +14,6 @@ from typing import Optional
 import torch
 
 
-@torch.library.custom_op("opcd_generation::write_slot", mutates_args=("keys", "values"))
-def write_slot(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor) -> None:
-    """`keys[:, :, slot] = key`, the same for values (`[b, g, S, d]` buffers, `[b, g, 1, d]` new
-    entries, `slot` `[1]` int64), in place. An op of its own, declared as mutating the buffers:
-    torch.compile then writes into them where they are (a traced `index_copy_` on a graph input
-    became a copy of the whole buffer back into itself, every layer, every step)."""
-    keys.index_copy_(2, slot, key)
-    values.index_copy_(2, slot, value)
-
-
-@write_slot.register_fake
-def _(keys, values, slot, key, value) -> None:
-    return None
-
-
 class KVCache:
     """Keys and values of `batch` rows x `max_seq` slots for every attention layer of one stage.
 
@@ -85,8 +69,8 @@ class KVCache:
         first `span` slots (a bucket: a constant of the compiled graph), the unwritten ones masked.
         Only without a shared prefix (the compiled step copies it into the rows)."""
         k, v = buffers
-        # [1, b, g, d] -> [b, g, 1, d] at the slot
-        write_slot(k, v, self.slot, key.permute(1, 2, 0, 3).contiguous(), value.permute(1, 2, 0, 3).contiguous())
+        k.index_copy_(2, self.slot, key.permute(1, 2, 0, 3))  # [1, b, g, d] -> [b, g, 1, d] at the slot
+        v.index_copy_(2, self.slot, value.permute(1, 2, 0, 3))
         return k[:, :, : self.span], v[:, :, : self.span]
 
     def keep_rows(self, rows: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ each per step). The layers are megatron-core's modules with their own weights: n
 set) at the compiled function for the steps, and clears it after.
 
 Static shapes: inside the step, the KV cache writes at a slot *tensor* (`index_copy_` into buffers
-preallocated for the whole call, in a custom op that declares the mutation: `KVCache.write_static`) and attention reads a fixed `span` of
+preallocated for the whole call, `KVCache.write_static`: inductor writes them in place) and attention reads a fixed `span` of
 slots, the slots not yet written masked. A traced graph depends only on the bucket (batch, span, cache
 length): the span is the next power of two (at least `MIN_SPAN`) of the slots filled, the cache
 length that of the call's prefix + longest prompt + max_new_tokens, the batch the rows still

@@ -70,7 +70,12 @@
     ffn 5632: the width of a 1B-class model; OPCD's teachers are 3B-8B, hidden 3072-4096, where
     the floor is lower still).
 
-The last line is one JSON object: {"vs_trl": x, "context_overhead": y}.
+Then (a) again at SmolLM2-135M's shape (30 layers, hidden 576, vocab 49152; batch 8, 64 new
+tokens; `--smollm2-rounds` rounds, ~10 minutes; `--no-smollm2` skips it), where the rollout's
+decode streams ~540 MB of weights a step and runs the compiled decode step (generation.compile_decode
+auto; its compile falls in the untimed warm-up step).
+
+The last line is one JSON object: {"vs_trl": x, "context_overhead": y, "vs_trl_smollm2": z}.
 """
 
 from __future__ import annotations
@@ -128,6 +133,9 @@ def parse_args(argv=None):
                         "counts the compute a process used, not the time others held the cores; exact with one "
                         "thread) or wall-clock time; both are printed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-smollm2", action="store_true", help="skip the second pass at SmolLM2-135M's shape")
+    p.add_argument("--smollm2-rounds", type=int, default=2,
+                   help="rounds of the SmolLM2-shaped pass (one timed step each per trainer: ~10 min in all)")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab = 2, 64, 4, 2, 128, 512
@@ -312,8 +320,29 @@ BASELINE = {"top256": ("trl", "sdft"), "full": ("trl",), "sdft_twin": ("sdft",)}
 TRL_NAMES = {"trl": "GKD", "sdft": "SDFT"}
 
 
+def smollm2_args(args):
+    """The second pass: SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, ffn 1536,
+    vocab 49152), batch 8, 64 new tokens, `--smollm2-rounds` rounds of one timed step, the exact-KL
+    variant and the teacher-shaped scoring left out (~10 minutes on one core). Under --quick, the
+    quick shape again: a smoke run of the same path."""
+    shape = {} if args.quick else dict(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, batch=8,
+                                       new_tokens=64, rounds=args.smollm2_rounds, steps=1, score_repeats=3)
+    return argparse.Namespace(**{**vars(args), **shape, "no_full_vocab": True, "teacher_shape": [0] * 5})
+
+
 def main(argv=None):
     args = parse_args(argv)
+    result = bench(args)
+    if not args.no_smollm2:
+        sargs = smollm2_args(args)
+        print(f"\n=== the same at SmolLM2-135M's shape ({sargs.layers} layers, hidden {sargs.hidden}, vocab "
+              f"{sargs.vocab}), {sargs.rounds} round(s) ===", flush=True)
+        result["vs_trl_smollm2"] = bench(sargs)["vs_trl"]
+    print(json.dumps(result))
+
+
+def bench(args) -> dict:
+    """One whole comparison (ours and TRL in two processes) at the shape of `args`: its JSON fields."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     try:
@@ -350,7 +379,7 @@ def main(argv=None):
             if worker.is_alive():
                 worker.kill()
     print(f"load average at end: {loadavg()}")
-    print(json.dumps(result))
+    return result
 
 
 def run(args, work: Path, tok_dir: Path, prompts_file: Path, conn) -> dict:

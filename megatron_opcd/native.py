@@ -139,7 +139,17 @@ def _library() -> tuple[bool, str | None]:
                  is_python_module=False, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: fall back, with the reason
         return False, f"the kernels did not build or load with {compiler} ({type(exc).__name__}: {str(exc)[-300:]})"
+    _register_fake()
     return True, None
+
+
+def _register_fake() -> None:
+    """Shapes of the ops' outputs for torch.compile (the compiled decode step traces `linear_rows`
+    with fake tensors and calls the kernel itself at run time)."""
+    try:
+        torch.library.register_fake("opcd::linear_rows")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    except RuntimeError:  # registered already (a second load in this process)
+        pass
 
 
 def native_status() -> tuple[bool, str]:
@@ -156,7 +166,9 @@ def supports(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
         x2d.dim() == 2 and MIN_ROWS <= x2d.shape[0] <= MAX_ROWS and x2d.device.type == "cpu"
         and weight.device.type == "cpu" and x2d.dtype == torch.float32 and weight.dtype == torch.float32
         and x2d.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == x2d.shape[1]
-        and not torch.is_grad_enabled() and torch.get_num_threads() == 1
+        and not torch.is_grad_enabled()
+        # traced by torch.compile: the compiled decode step is built with one thread only
+        and (torch.compiler.is_compiling() or torch.get_num_threads() == 1)
     )
 
 
@@ -168,7 +180,8 @@ def _loaded() -> None:
 
 def linear_rows(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x2d @ weight.T`, `[M, K] x [N, K] -> [M, N]` fp32 (check `supports` first)."""
-    _loaded()
+    if not torch.compiler.is_compiling():  # traced: the op was loaded by the eager prefill before
+        _loaded()
     return torch.ops.opcd.linear_rows(x2d, weight)
 
 

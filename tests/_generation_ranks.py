@@ -58,6 +58,7 @@ def suite(tp: int, pp: int, sp: bool = False, model_kwargs: dict | None = None) 
     res["sampled"] = _out(generate(model, PROMPTS, sampled, groups=groups, vocab_size=v))
     cache = prefill_prefix(model, PREFIX, groups=groups)
     res["sampled_prefix"] = _out(generate(model, PROMPTS, sampled, groups=groups, vocab_size=v, prefix=cache))
+    res["compiled"] = compiled_checks(model, groups, v, cache)
     res["training_after"] = model.training
     res["sp_after"] = model.config.sequence_parallel
     for name, prefix in (("score", None), ("score_prefix", cache)):
@@ -66,6 +67,42 @@ def suite(tp: int, pp: int, sp: bool = False, model_kwargs: dict | None = None) 
         if out.logits is not None:
             res[name].update(logits=_gather_vocab(out.logits, groups), shard=out.logits.shape[-1],
                              logprobs=out.logprobs)
+    return res
+
+
+def compiled_checks(model, groups, v: int, cache) -> dict:
+    """The compiled decode step (compile_decode="always") beside the eager one (compared by the test):
+    greedy, and sampled with a prefix and an EOS that ends rows at different steps (the batch
+    compacts: 4 rows -> 2 -> 1, each a bucket of its own); and the eager loop with and without
+    compaction. One span bucket (64 slots) covers every call: a compile per batch bucket."""
+    import time
+
+    from megatron_opcd.generation import SamplingParams, generate, loop
+
+    greedy = SamplingParams(max_new_tokens=N, greedy=True)
+    sampled = SamplingParams(max_new_tokens=N, temperature=0.8, top_k=50, top_p=0.95, seed=5)
+    eager_sampled = generate(model, PROMPTS, sampled, groups=groups, vocab_size=v, prefix=cache)
+    # EOS ids: tokens sampled at different steps of different rows, so rows finish one by one.
+    eos = tuple({eager_sampled.responses[i][i + 1] for i in range(len(PROMPTS))})
+    sampled_eos = SamplingParams(max_new_tokens=N, temperature=0.8, top_k=50, top_p=0.95, seed=5, eos_ids=eos)
+    res = {"eos_ids": eos}
+    start = time.perf_counter()
+    for name, params, kw in (("greedy", greedy, {}), ("sampled_eos", sampled_eos, {"prefix": cache})):
+        on = SamplingParams(**{**params.__dict__, "compile_decode": "always"})
+        out = generate(model, PROMPTS, on, groups=groups, vocab_size=v, **kw)
+        res[name] = {**_out(out), "compile_seconds": out.compile_seconds}
+        res["eager_" + name] = _out(generate(model, PROMPTS, params, groups=groups, vocab_size=v, **kw))
+    res["seconds"] = time.perf_counter() - start
+    # The same compiled call again: every bucket is traced already (no compile time).
+    on = SamplingParams(**{**sampled_eos.__dict__, "compile_decode": "always"})
+    again = generate(model, PROMPTS, on, groups=groups, vocab_size=v, prefix=cache)
+    res["again"] = {**_out(again), "compile_seconds": again.compile_seconds}
+    loop.COMPACT_FINISHED_ROWS = False
+    try:
+        res["uncompacted_sampled_eos"] = _out(generate(model, PROMPTS, sampled_eos, groups=groups, vocab_size=v,
+                                                       prefix=cache))
+    finally:
+        loop.COMPACT_FINISHED_ROWS = True
     return res
 
 
@@ -330,3 +367,24 @@ def suites_then_cli(runs: list[dict], workdir: str, tp: int, pp: int) -> dict:
 
     suites = many_suites(runs)
     return {"suites": suites, "cli": cli_run(workdir, str(Path(workdir) / "ckpt"), tp=tp, pp=pp)}
+
+
+def cuda_graph_check() -> dict:
+    """On a GPU: the compiled step (mode="reduce-overhead": CUDA graphs) against the eager one, on
+    the test model in fp32 (greedy tokens, log-probs) and the step times of both."""
+    import time
+
+    from megatron_opcd.generation import SamplingParams, generate
+
+    model, cfg, groups = _model(1, 1)
+    assert next(model.parameters()).is_cuda
+    res = {}
+    for mode in ("never", "always", "always"):  # the second compiled call replays the captured graphs
+        params = SamplingParams(max_new_tokens=N, greedy=True, compile_decode=mode)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = generate(model, PROMPTS, params, groups=groups, vocab_size=cfg.vocab_size)
+        torch.cuda.synchronize()
+        res.setdefault(mode, []).append({**_out(out), "seconds": time.perf_counter() - start,
+                                         "compile_seconds": out.compile_seconds})
+    return res

@@ -77,6 +77,7 @@ MCORE_INDEPENDENT = (
     "test_generation.py::test_top_k_and_top_p_filters",
     "test_generation.py::test_draw_categorical_matches_the_distribution",
     "test_generation.py::test_sampling_params_validation",
+    "test_generation.py::test_stop_strings_are_checked_on_the_tail_only",
 )
 
 

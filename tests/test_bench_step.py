@@ -22,5 +22,5 @@ def test_bench_step_quick():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(last) == {"vs_trl", "context_overhead"}
+    assert set(last) == {"vs_trl", "context_overhead", "vs_trl_smollm2"}
     assert all(isinstance(v, float) and v > 0 for v in last.values()), last

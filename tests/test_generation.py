@@ -24,13 +24,14 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(run_ranks, workdir):
-    return run_ranks(single_process_with_cli, 1, workdir, timeout=300)[0]
+    # 600 s: the compiled step's checks compile (30-100 s on a loaded 2-core box, docs/generation.md).
+    return run_ranks(single_process_with_cli, 1, workdir, timeout=600)[0]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(run_ranks, workdir, single):  # `single` wrote the checkpoint the CLI run loads
     runs = [dict(tp=2, pp=1), dict(tp=2, pp=1, sp=True), dict(tp=1, pp=2)]
-    per_rank = run_ranks(suites_then_cli, 2, runs, workdir, 2, 1, timeout=300)
+    per_rank = run_ranks(suites_then_cli, 2, runs, workdir, 2, 1, timeout=600)
     out = {name: [r["suites"][i] for r in per_rank] for i, name in enumerate(["tp2", "tp2_sp", "pp2"])}
     out["cli"] = per_rank[0]["cli"]
     return out
@@ -346,6 +347,95 @@ def test_eos_stop_string_and_length(single):
     assert stop["responses"][0] == single["naive"][0][0][:4]  # ends with the token that completed it
     assert single["length3"]["reasons"] == ["length"] * len(PROMPTS)
     assert [len(r) for r in single["length3"]["responses"]] == [3] * len(PROMPTS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled decode step, finished rows leaving the batch, incremental stop strings
+
+
+def test_compiled_step_decodes_like_the_eager_one(single):
+    """Greedy tokens equal, sampled (prefix, rows ending on EOS at different steps: the batch
+    compacts) tokens equal and log-probs within float32 tolerance; a second call compiles nothing."""
+    _compiled_like_eager([single["suite"]], "one process")
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_layouts_compiled_step_decodes_like_the_eager_one(two_ranks, layout):
+    _compiled_like_eager(two_ranks[layout], layout)
+
+
+def _compiled_like_eager(ranks: list, layout: str) -> None:
+    for r in ranks:
+        c = r["compiled"]
+        assert c["greedy"]["responses"] == c["eager_greedy"]["responses"] == r["greedy"]["responses"]
+        assert c["sampled_eos"]["responses"] == c["eager_sampled_eos"]["responses"]
+        assert c["sampled_eos"]["reasons"] == c["eager_sampled_eos"]["reasons"]
+        assert c["sampled_eos"]["reasons"].count("eos") >= 2, c["sampled_eos"]["reasons"]
+        for key in ("greedy", "sampled_eos"):
+            # The compiled layers fuse and reorder float32 sums: ~1e-6 relative, as any reordering.
+            assert_f32_close(torch.tensor(sum(c[key]["logprobs"], [])),
+                             torch.tensor(sum(c["eager_" + key]["logprobs"], [])))
+        assert c["again"]["responses"] == c["sampled_eos"]["responses"]
+        assert c["again"]["compile_seconds"] == 0.0
+    first = ranks[0]["compiled"]
+    print(f"\n{layout}: compile {first['greedy']['compile_seconds'] + first['sampled_eos']['compile_seconds']:.1f} s "
+          f"of {first['seconds']:.1f} s for 4 compiled + eager calls")
+
+
+@pytest.mark.gpu
+def test_compiled_step_with_cuda_graphs_decodes_like_the_eager_one(run_ranks):
+    """On a GPU the compiled step runs with mode="reduce-overhead" (CUDA graphs): greedy tokens of
+    the eager step, log-probs within float32 tolerance, and a second call compiles nothing."""
+    from _generation_ranks import cuda_graph_check
+
+    r = run_ranks(cuda_graph_check, 1, timeout=600)[0]
+    eager, (first, again) = r["never"][0], r["always"]
+    assert first["responses"] == again["responses"] == eager["responses"]
+    assert_f32_close(torch.tensor(sum(first["logprobs"], [])), torch.tensor(sum(eager["logprobs"], [])))
+    assert again["compile_seconds"] == 0.0
+    print(f"\neager {eager['seconds']:.3f} s, compiled {again['seconds']:.3f} s (compile {first['compile_seconds']:.1f} s)")
+
+
+def test_finished_rows_leave_the_batch_with_the_same_tokens(single):
+    """Compaction (rows ending on EOS leave the batch) against the loop that decodes every row to
+    the end: the same tokens, reasons and (within float32 tolerance) log-probs."""
+    c = single["suite"]["compiled"]
+    full, compact = c["uncompacted_sampled_eos"], c["eager_sampled_eos"]
+    assert compact["responses"] == full["responses"]
+    assert compact["reasons"] == full["reasons"]
+    assert_f32_close(torch.tensor(sum(compact["logprobs"], [])), torch.tensor(sum(full["logprobs"], [])))
+    assert len({len(r) for r in full["responses"]}) >= 2, "rows end at different steps"
+
+
+def test_stop_strings_are_checked_on_the_tail_only():
+    """`stop_in_tail` after every token stops where decoding the whole response does, with a
+    decoder whose tokens have empty, one-character and long texts and drop the first token's
+    leading space (as sentencepiece does), and reads a bounded tail."""
+    import random
+
+    from megatron_opcd.generation.loop import stop_in_tail
+
+    # Many empty texts (special tokens, parts of a multi-byte character): a stop string can span
+    # more tokens than it has characters.
+    pieces = ["", "", "", "", "", "a", "b", " a", " ab", "ba", "\n", "xyzxyz", "<", "/", ">", " </", "b>"]
+    decoded = []
+
+    def decode(ids):
+        decoded.append(len(ids))
+        return "".join(pieces[i] for i in ids).removeprefix(" ")
+
+    rng = random.Random(0)
+    stops_sets = [("ab",), (" a",), ("</b>", "\n\n"), ("bab",), ("zx",)]
+    tails = []
+    for trial in range(400):
+        stops = stops_sets[trial % len(stops_sets)]
+        resp = [rng.randrange(len(pieces)) for _ in range(40)]
+        full = next((n for n in range(1, 41) if any(s in decode(resp[:n]) for s in stops)), None)
+        decoded.clear()
+        tail = next((n for n in range(1, 41) if stop_in_tail(resp[:n], stops, decode, max(map(len, stops)))), None)
+        assert tail == full, (stops, resp, tail, full)
+        tails += decoded[20:]  # the calls at responses of more than ~15 tokens
+    assert sum(tails) / len(tails) < 10  # a tail of a few tokens, not the response
 
 
 # ----------------------------------------------------------------------------------------------

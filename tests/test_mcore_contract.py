@@ -309,6 +309,18 @@ def test_checkpoint_writer_queue():
         filesystem_async._results_queue = saved
 
 
+def test_viewless_tensor():
+    """make_viewless_tensor reaches the module-level kernel the compiled decode step wraps, and the
+    wrapped kernel still makes an eager view viewless (training's path is megatron's)."""
+    from megatron.core import utils
+
+    mcore.make_viewless_traceable()
+    assert getattr(utils._kernel_make_viewless_tensor, "opcd_traceable", False)
+    base = torch.arange(6.0)
+    out = utils.make_viewless_tensor(base[1:4], requires_grad=False, keep_graph=False)
+    assert out._base is None and out.tolist() == [1.0, 2.0, 3.0]
+
+
 def test_mcore_selection_names_existing_modules():
     """`make test-312` runs the modules of conftest.MCORE_MODULES: each must exist (a renamed module
     would silently drop out of the Python 3.12 / megatron-core 0.19 pass)."""

@@ -43,6 +43,7 @@ def test_defaults_follow_the_paper(tmp_path):
     (BASE, ["loss.chunk_tokens=0"], "loss.chunk_tokens=0"),
     (BASE, ["generation.top_k=-1"], "generation.top_k must be >= 0"),
     (BASE, ["generation.stop_strings=['']"], "generation.stop_strings must not contain an empty string"),
+    (BASE, ["generation.compile_decode=sometimes"], "generation.compile_decode must be auto, always or never, got 'sometimes'"),
     (BASE, ["teacher.mode=frozen"], "teacher.mode=frozen needs teacher.checkpoint"),
     ("model:\n  num_layers: 2\n", [], "data.train is required"),
     ("data:\n  train: x.jsonl\n", [], "give the student"),

@@ -56,6 +56,9 @@ ASSUMPTIONS = {
                    "[experts, hidden]) and experts.local_experts[i].{linear_fc1, linear_fc2} (SequentialMLP), "
                    "the local expert i being global expert ep_rank * num_local_experts + i; router(hidden) returns "
                    "(probs, routing_map [tokens, experts]) and router.gating(hidden) the logits",
+    "viewless_tensor": "megatron.core.utils.make_viewless_tensor makes its viewless tensors through the "
+                       "module-level _kernel_make_viewless_tensor(inp, requires_grad) (which sets .data, "
+                       "something torch.compile cannot trace)",
     # DistributedDataParallel (distributed/distributed_data_parallel.py, param_and_grad_buffer.py)
     "ddp_grad_buffers": "DistributedDataParallel accumulates gradients into param.main_grad and clears them "
                         "with zero_grad_buffer()",
@@ -160,6 +163,26 @@ def moe_routers(module):
         router = getattr(layer.mlp, "router", None)
         if router is not None:
             yield layer.layer_number, router
+def make_viewless_traceable() -> None:
+    """Let torch.compile trace megatron's layers (assumption viewless_tensor): their outputs go
+    through `make_viewless_tensor`, which swaps `.data` of a fresh tensor, a graph break in every
+    layer. While compiling, the wrapper returns the tensor as it is (a traced graph has no views
+    to detach from, and the compiled decode step runs without autograd); eager calls, training's
+    included, run megatron's own function. Idempotent."""
+    from megatron.core import utils
+
+    original = utils._kernel_make_viewless_tensor
+    if getattr(original, "opcd_traceable", False):
+        return
+
+    @functools.wraps(original)
+    def kernel(inp, requires_grad):
+        if torch.compiler.is_compiling():
+            return inp
+        return original(inp, requires_grad)
+
+    kernel.opcd_traceable = True
+    utils._kernel_make_viewless_tensor = kernel
 
 
 def local_linear_classes() -> tuple[type, type]:

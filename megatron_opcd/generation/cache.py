@@ -35,6 +35,10 @@ class KVCache:
     def __init__(self, batch: int, max_seq: int):
         self.batch, self.max_seq = batch, max_seq
         self.offset = 0
+        # The compiled decode step (generation/compiled.py) writes at a slot *tensor* and attends over
+        # a fixed `span` of slots, so its shapes do not change from step to step: see `write`.
+        self.slot: Optional[torch.Tensor] = None  # [1] int64 while a static step runs
+        self.span = 0
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.shared: Optional[dict] = None  # layer -> (keys, values) [1, g, P, d] of a shared prefix
         self.shared_len = 0  # P when a prefix is shared: the rows' buffers start at slot P
@@ -57,6 +61,23 @@ class KVCache:
         k[:, :, start:end] = key.permute(1, 2, 0, 3)  # [s, b, g, d] -> [b, g, s, d]
         v[:, :, start:end] = value.permute(1, 2, 0, 3)
         return k[:, :, :end], v[:, :, :end]
+
+    def write_static(self, buffers: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor):
+        """The static step's write: one token per row at slot `self.slot` (a tensor, so the traced
+        step is the same at every slot), in place into one layer's preallocated `buffers` (an entry
+        of `layers`, handed to its attention core: generation/loop.py); attention then reads the
+        first `span` slots (a bucket: a constant of the compiled graph), the unwritten ones masked.
+        Only without a shared prefix (the compiled step copies it into the rows)."""
+        k, v = buffers
+        k.index_copy_(2, self.slot, key.permute(1, 2, 0, 3))  # [1, b, g, d] -> [b, g, 1, d] at the slot
+        v.index_copy_(2, self.slot, value.permute(1, 2, 0, 3))
+        return k[:, :, : self.span], v[:, :, : self.span]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (`[b']` int64) of every layer's buffers: the batch compacts when rows
+        finish (generation/loop.py), so they stop costing compute."""
+        self.layers = {layer: (k.index_select(0, rows), v.index_select(0, rows)) for layer, (k, v) in self.layers.items()}
+        self.batch = int(rows.numel())
 
     def set_inputs(self, masked: torch.Tensor, angles: Optional[torch.Tensor], heads_per_group: int,
                    dtype: torch.dtype) -> None:

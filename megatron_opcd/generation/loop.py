@@ -25,8 +25,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from megatron_opcd.generation.sampling import SamplingParams, sample
+from megatron_opcd.compat import mcore
 from megatron_opcd.generation.cache import KVCache
+from megatron_opcd.generation.compiled import batch_bucket, layers_compiled, span_bucket, timed_first_call, wanted
+from megatron_opcd.generation.sampling import SamplingParams, sample
 from megatron_opcd.generation.stage import (
     PrefixCache,
     Rope,
@@ -41,6 +43,10 @@ from megatron_opcd.models.kernels import attach
 from megatron_opcd.parallel import ParallelGroups
 
 Prefix = Union[Sequence[int], PrefixCache, None]
+
+COMPACT_FINISHED_ROWS = True
+"""Finished rows leave the batch (see `_target_batch`). Tests switch it off to compare with the
+loop that decodes every row to the end: the same tokens."""
 
 
 @dataclass
@@ -59,6 +65,9 @@ class GenerationOutput:
 
     tokens_per_second: float
     """New tokens (all rows) / wall time of the call, prefill included."""
+
+    compile_seconds: float = 0.0
+    """Time of this call's first steps of (batch, span) buckets compiled in it (0: none was new)."""
 
 
 def _check_tokens(seqs: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
@@ -106,17 +115,32 @@ def _layout(prefix: list[int], prompts: list[list[int]], max_new: int, device) -
                    prefix_len=p, prompt_len=big)
 
 
-class _CachedStepper:
-    """Prefill, then one token per step through the KV cache (attached to the module by `generate`)."""
+def _keep_rows(lay: _Layout, rows: torch.Tensor) -> _Layout:
+    return _Layout(tokens=lay.tokens[rows], positions=lay.positions[rows], valid=lay.valid[rows],
+                   prefix_len=lay.prefix_len, prompt_len=lay.prompt_len)
 
-    def __init__(self, module, lay: _Layout, groups: ParallelGroups, prefix: Optional[PrefixCache], cache: KVCache):
+
+class _CachedStepper:
+    """Prefill, then one token per step through the KV cache (attached to the module by `generate`).
+
+    `compiled`: the decode steps run the compiled static-shape step (generation/compiled.py); the
+    prefill stays eager. A shared prefix is then copied into every row (a shared one would make its
+    length part of every traced shape)."""
+
+    def __init__(self, module, lay: _Layout, groups: ParallelGroups, prefix: Optional[PrefixCache], cache: KVCache,
+                 compiled: bool = False):
         self.module, self.lay, self.groups, self.cache = module, lay, groups, cache
         self.rope = Rope(module, lay.tokens.shape[1])
+        self.compiled, self.compile_seconds = compiled, 0.0
         if prefix is not None:
             # Shared (one copy, cascade attention) unless an empty prompt took the prefix's last
             # token and masks its cached copy (see `_layout`).
-            shared = not bool((~lay.valid[:, : lay.prefix_len]).any())
+            shared = not compiled and not bool((~lay.valid[:, : lay.prefix_len]).any())
             cache.load_prefix(prefix.kv, len(prefix), shared=shared)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.lay = _keep_rows(self.lay, rows)
+        self.cache.keep_rows(rows)
 
     def _run(self, start: int, end: int) -> Optional[torch.Tensor]:
         lay = self.lay
@@ -131,7 +155,43 @@ class _CachedStepper:
 
     def step(self, slot: int) -> Optional[torch.Tensor]:
         """Feed the token at `slot` (already written into the layout); logits for `slot + 1`."""
+        if self.compiled:
+            try:
+                return self._static_step(slot)
+            except Exception:  # noqa: BLE001 - said once by compiled.timed_first_call; the step again, eagerly
+                self.compiled = False
+            finally:
+                self.cache.slot = None
         return self._run(slot, slot + 1)
+
+    def _static_step(self, slot: int) -> Optional[torch.Tensor]:
+        """The step with the shapes of its (batch, span) bucket: the causal mask over `span` slots
+        (the ones after `slot` are masked, unwritten or not), the write at a slot tensor."""
+        lay, cache = self.lay, self.cache
+        span = span_bucket(slot + 1, cache.max_seq)
+        k_slot = torch.arange(span, device=lay.tokens.device)
+        masked = (k_slot > slot)[None] | ~lay.valid[:, :span]  # [b, span]; a generated slot is valid
+        cache.slot, cache.span = torch.tensor([slot], device=lay.tokens.device), span
+        cfg = self.module.config
+        key = (lay.tokens.shape[0], span, cache.max_seq, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,
+               cfg.num_query_groups, self.groups.tp_size, str(cfg.params_dtype))
+        cores = list(mcore.attention_cores(self.module))
+
+        def run():
+            try:
+                for number, core in cores:
+                    core.kv_static = cache.layers[number]
+                with layers_compiled(self.module):
+                    return forward_stage(self.module, lay.tokens[:, slot:slot + 1], lay.positions[:, slot:slot + 1],
+                                         masked[:, None, None, :], groups=self.groups, rope=self.rope, cache=cache,
+                                         last_only=True)
+            finally:
+                for _, core in cores:
+                    core.kv_static = None
+
+        logits, seconds = timed_first_call(key, run)
+        self.compile_seconds += seconds
+        return None if logits is None else logits[:, -1, :]  # [b, V]
 
 
 class _RecomputeStepper:
@@ -149,11 +209,16 @@ class _RecomputeStepper:
                                rope=self.rope, last_only=True)
         return None if logits is None else logits[:, -1, :]
 
+    compiled, compile_seconds = False, 0.0
+
     def prefill(self) -> Optional[torch.Tensor]:
         return self._run(self.lay.first_gen_slot)
 
     def step(self, slot: int) -> Optional[torch.Tensor]:
         return self._run(slot + 1)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.lay = _keep_rows(self.lay, rows)
 
 
 def generate(
@@ -219,9 +284,12 @@ def generate(
                                 between_steps, lockstep)
         if prefix_ids and prefix_cache is None:
             prefix_cache = _prefill_prefix(module, prefix_ids, groups)
+        static = wanted(params.compile_decode, module)
+        if static:  # the cache's length a bucket too: calls of nearby lengths share their traced steps
+            lay = _pad_slots(lay, span_bucket(lay.tokens.shape[1], 1 << 62))
         cache = KVCache(len(prompts), lay.tokens.shape[1])
         with attach(module, cache, decode=True):
-            stepper = _CachedStepper(module, lay, groups, prefix_cache, cache)
+            stepper = _CachedStepper(module, lay, groups, prefix_cache, cache, compiled=static)
             return _decode_loop(stepper, lay, params, groups, vocab_size, decode, progress, start_time,
                                 between_steps, lockstep)
 
@@ -249,35 +317,71 @@ def _all_done(local: bool, lockstep) -> bool:
     return flag.item() == 0.0
 
 
+def _pad_slots(lay: _Layout, total: int) -> _Layout:
+    """`lay` with slots up to `total` (valid, token 0, position 0): never read, as every query
+    masks the slots after its own, but they make the cache's length a bucket."""
+    b, t = lay.tokens.shape
+    if total <= t:
+        return lay
+    pad = total - t
+    return _Layout(tokens=torch.cat([lay.tokens, lay.tokens.new_zeros(b, pad)], 1),
+                   positions=torch.cat([lay.positions, lay.positions.new_zeros(b, pad)], 1),
+                   valid=torch.cat([lay.valid, lay.valid.new_ones(b, pad)], 1),
+                   prefix_len=lay.prefix_len, prompt_len=lay.prompt_len)
+
+
+def stop_in_tail(response: list[int], stops: tuple[str, ...], decode, longest: int) -> bool:
+    """Whether a stop string occurs in the text of `response` near its end: the last tokens whose
+    text holds at least `longest` + 1 characters, and one token more (a token's text may depend on
+    the one before it: a leading space, the rest of a multi-byte character). Checked after every
+    new token, this finds the first stop string the whole decoded response would, at a cost that
+    does not grow with the response (the text before the tail held none, or the row had stopped)."""
+    n = min(len(response), longest + 2)
+    while True:
+        text = decode(response[-n:])
+        if len(text) > longest or n == len(response):
+            break
+        n = min(len(response), 2 * n)
+    if n < len(response):
+        text = decode(response[-(n + 1):])
+    return any(s in text for s in stops)
+
+
 def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: ParallelGroups, vocab_size: int,
                  decode, progress: bool, start_time: float,
                  between_steps: Optional[Callable[[int], None]] = None, lockstep=None) -> GenerationOutput:
+    """Sample until every row is done (with `lockstep`, every row of every rank of that group).
+    Rows that finish leave the batch once the rows still decoding fit a smaller one
+    (`_target_batch`): the stepper keeps only those rows of its layout and cache, and `rows` maps
+    the batch's rows to the prompts."""
     b = lay.tokens.shape[0]
     device = lay.tokens.device
     generator = torch.Generator(device=device).manual_seed(params.seed)
     responses: list[list[int]] = [[] for _ in range(b)]
     logprobs: list[list[float]] = [[] for _ in range(b)]
     reasons: list[Optional[str]] = [None] * b
+    rows = torch.arange(b, device=device)  # the prompt of each row of the (compacted) batch
     eos = set(params.eos_ids)
+    longest_stop = max((len(s) for s in params.stop_strings), default=0)
     bar = _progress_bar(params.max_new_tokens, progress)
     logits = stepper.prefill()
     for step in range(params.max_new_tokens):
-        # [2, b] float64 carries token ids (exact below 2**53) and log-probs in one broadcast.
-        payload = torch.zeros(2, b, dtype=torch.float64, device=device)
+        # [2, b'] float64 carries token ids (exact below 2**53) and log-probs in one broadcast.
+        payload = torch.zeros(2, rows.numel(), dtype=torch.float64, device=device)
         if logits is not None:
-            tokens, lps = sample(logits, params, generator, vocab_size)
+            tokens, lps = sample(logits, params, generator, vocab_size, rows=rows, batch=b)
             payload[0], payload[1] = tokens.to(torch.float64), lps.to(torch.float64)
         broadcast_from_last_stage(payload, groups)
         tokens = payload[0].long()
-        for i in range(b):
+        for j, i in enumerate(rows.tolist()):
             if reasons[i] is not None:
                 continue
-            tok = int(tokens[i])
+            tok = int(tokens[j])
             responses[i].append(tok)
-            logprobs[i].append(float(payload[1, i]))
+            logprobs[i].append(float(payload[1, j]))
             if tok in eos:
                 reasons[i] = "eos"
-            elif params.stop_strings and any(s in decode(responses[i]) for s in params.stop_strings):
+            elif params.stop_strings and stop_in_tail(responses[i], params.stop_strings, decode, longest_stop):
                 reasons[i] = "stop"
             elif len(responses[i]) >= params.max_new_tokens:
                 reasons[i] = "length"
@@ -289,7 +393,11 @@ def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: Parallel
         if between_steps is not None:
             between_steps(step)  # may raise (a preemption): nothing of this call is kept
         slot = lay.first_gen_slot + step
-        lay.tokens[:, slot] = tokens  # finished rows keep decoding; their outputs are dropped
+        stepper.lay.tokens[:, slot] = tokens  # finished rows still in the batch decode; their outputs are dropped
+        keep = _target_batch(rows, reasons, stepper.compiled) if COMPACT_FINISHED_ROWS else None
+        if keep is not None:  # the same decision on every rank: it reads only broadcast tokens
+            stepper.keep_rows(keep)
+            rows = rows[keep]
         logits = stepper.step(slot)
     if bar is not None:
         bar.close()
@@ -301,7 +409,26 @@ def _decode_loop(stepper, lay: _Layout, params: SamplingParams, groups: Parallel
         lengths=lengths,
         finish_reasons=[r or "length" for r in reasons],
         tokens_per_second=sum(lengths) / max(elapsed, 1e-9),
+        compile_seconds=stepper.compile_seconds,
     )
+
+
+def _target_batch(rows: torch.Tensor, reasons: list, buckets: bool) -> Optional[torch.Tensor]:
+    """Which rows of the batch to keep (`[b']` int64 into it), or None to keep them all.
+
+    Eager: the rows still decoding, as soon as one has finished (a compaction copies the cache
+    once, about what one step's attention reads). Compiled (`buckets`): only when they fit the
+    next smaller power of two, padded up to it with finished rows, so the batch takes a few
+    shapes (8, 4, 2, 1), each traced once."""
+    live = [j for j, i in enumerate(rows.tolist()) if reasons[i] is None]
+    # At least one row: under expert lockstep a rank whose rows are all done keeps decoding one
+    # (its MoE layers' all-to-alls need it) until every rank of the group is done.
+    target = max(1, batch_bucket(len(live)) if buckets else len(live))
+    if target >= rows.numel():
+        return None
+    done = [j for j in range(rows.numel()) if reasons[int(rows[j])] is not None]
+    keep = sorted(live + done[: target - len(live)])
+    return torch.tensor(keep, dtype=torch.long, device=rows.device)
 
 
 def _progress_bar(total: int, enabled: bool):

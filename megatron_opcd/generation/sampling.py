@@ -42,6 +42,10 @@ class SamplingParams:
     seed: int = 0
     """Seed of the sampling generator: same seed, same prompts, same weights -> same tokens."""
 
+    compile_decode: str = "auto"
+    """The compiled decode step (generation/compiled.py): "auto" (stages of >= 50M parameters,
+    where the compile pays), "always" or "never" (the eager step). Same tokens either way."""
+
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -53,6 +57,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.compile_decode not in ("auto", "always", "never"):
+            raise ValueError(f"SamplingParams.compile_decode must be auto, always or never, got {self.compile_decode!r}")
         self.eos_ids = tuple(int(t) for t in self.eos_ids)
         self.stop_strings = tuple(self.stop_strings)
         if any(not s for s in self.stop_strings):
@@ -80,9 +86,14 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, vocab_size: int
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, vocab_size: int,
+    rows: torch.Tensor | None = None, batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary logits `[b, V_padded]` -> (tokens `[b]` int64, log-probs `[b]` float32).
+
+    `rows` (`[b]` int64, of a `batch` >= b): the logits are those rows of a larger batch (the rest
+    finished and were dropped, generation/loop.py); the random numbers are drawn for the whole
+    batch and these rows take theirs, so each row samples what it would in the full batch.
 
     The log-prob is of the sampled token under the temperature-scaled distribution *before*
     top-k/top-p filtering (temperature 1 for greedy): the policy's own probability, which is what
@@ -98,11 +109,12 @@ def sample(
         scaled = logits / params.temperature
         logprobs = torch.log_softmax(scaled, dim=-1)
         filtered = filter_top_p(filter_top_k(scaled, params.top_k), params.top_p)
-        tokens = draw_categorical(torch.softmax(filtered, dim=-1), generator)
+        tokens = draw_categorical(torch.softmax(filtered, dim=-1), generator, rows=rows, batch=batch)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None, rows: torch.Tensor | None = None,
+                     batch: int | None = None) -> torch.Tensor:
     """One token per row of `probs` (`[b, V]`, non-negative, rows need not sum to 1) by inverse
     transform: the first id whose cumulative probability (float64) exceeds u * total, u ~ U[0, 1).
 
@@ -112,7 +124,11 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> 
     is never drawn: the cumulative sum does not rise at it, so it is never the first to exceed u."""
     cdf = probs.to(torch.float64).cumsum(dim=-1)  # [b, V]
     total = cdf[:, -1:].contiguous()  # [b, 1]
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    if rows is None:
+        u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    else:  # this step's numbers of the whole batch, at the rows still decoding (see `sample`)
+        u = torch.rand((batch, 1), generator=generator, dtype=torch.float64, device=probs.device)[rows]
+    u = u * total
     tokens = torch.searchsorted(cdf, u, right=True)
     # Rounding can put u * total at total itself: take the last id that raises the sum instead.
     last = torch.searchsorted(cdf, total, right=False)

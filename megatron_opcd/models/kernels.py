@@ -23,7 +23,8 @@ it at a KV cache for one `generate`/`score` call:
   and gradient-fusion checks: Python overhead that is a sizeable share of a CPU decode step.
   While decoding on the CPU, a step's 2-8 rows go through `native.linear_rows` (a small AVX2
   kernel that reads each weight row once; 1.3x MKL's sgemm at 8 rows), one row (and more than
-  8) through an `[in, out]` copy of the weight (see `attach`).
+  8, up to `PREFILL_ROWS`) through an `[in, out]` copy of the weight (see `attach`); a prefill
+  through the stock layout.
 
 The subclasses add no parameter, buffer or submodule: state dicts, checkpoints, DDP and the
 optimizer see megatron's modules. `attach` changes no module, only what the built ones read.
@@ -76,6 +77,7 @@ class KVCacheAttention:
     kv_layer = 0  # this layer's key in the cache (SelfAttention.layer_number), set by attach
     kv_scale = 1.0  # softmax scale, set by attach
     kv_interleaved = False  # RoPE on interleaved channel pairs, set by attach
+    kv_static = None  # this layer's (keys, values) buffers during a compiled static step (generation/compiled.py)
 
     def forward(self, query, key, value, attention_mask=None, *args, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
@@ -91,7 +93,10 @@ class KVCacheAttention:
             key = _rotate(key, cache.cos, cache.sin, self.kv_interleaved)
         s, b, h, d = query.shape
         g = key.shape[2]
-        k, v = cache.write(self.kv_layer, key, value)  # [b, g, S, d]
+        if self.kv_static is not None:  # the buffers, not the layer number: no per-layer constant in a traced graph
+            k, v = cache.write_static(self.kv_static, key, value)  # [b, g, span, d]
+        else:
+            k, v = cache.write(self.kv_layer, key, value)  # [b, g, S, d]
         # Query head i reads KV group i // r (megatron's grouping): fold the r heads of a group into
         # the query axis, [s, b, g*r, d] -> [b, g, r*s, d], and every group attends with its own keys.
         q = query.permute(1, 2, 0, 3).reshape(b, g, (h // g) * s, d)
@@ -153,6 +158,10 @@ def cascade_attention(q, prefix_k, prefix_v, k, v, bias, scale: float) -> torch.
     return out.to(q.dtype).contiguous()
 
 
+PREFILL_ROWS = 64
+"""Calls of more rows than this (a prefill) multiply by the stock `[out, in]` weight, never a copy."""
+
+
 class ForwardOnlyLinear:
     """Mixin over megatron-core's local `ColumnParallelLinear` / `RowParallelLinear` (sequence
     parallelism off, as `stage.inference_mode` guarantees while attached): megatron's forward, or,
@@ -176,6 +185,10 @@ class ForwardOnlyLinear:
             rows = x.reshape(-1, x.shape[-1])  # [s*b, in]: a view for a decode step's [1, b, in]
             if native.supports(rows, weight):
                 return native.linear_rows(rows, weight).view(*x.shape[:-1], weight.shape[0])
+        if x.numel() > PREFILL_ROWS * x.shape[-1]:
+            # A prefill: compute-bound, MKL is as fast on the stock layout; a copy of every weight
+            # here (what a batch-8 decode then never reads again) cost ~0.4 s a call at SmolLM2's shape.
+            return F.linear(x, weight)
         if self._copy is None or self._copy[0] is not weight:
             self._copy = (weight, weight.detach().t().contiguous())
         return torch.matmul(x, self._copy[1])

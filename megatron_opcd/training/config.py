@@ -300,6 +300,9 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     """Stop a response when its text ends with one of these."""
 
+    compile_decode: str = SamplingParams.compile_decode
+    """The compiled decode step (docs/generation.md): auto (models of >= 50M parameters), always, never."""
+
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 1")
@@ -318,7 +321,7 @@ class GenerationConfig:
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
             top_p=self.top_p, greedy=self.greedy if greedy is None else greedy, eos_ids=tuple(eos_ids),
-            stop_strings=tuple(self.stop_strings), seed=seed,
+            stop_strings=tuple(self.stop_strings), seed=seed, compile_decode=self.compile_decode,
         )
 
 

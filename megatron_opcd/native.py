@@ -27,6 +27,7 @@ below, never a silent one), about 10 s once per machine and torch release, into 
 user (`$OPCD_CACHE_DIR`, else `$XDG_CACHE_HOME/megatron_opcd`, else `~/.cache/megatron_opcd`; a
 temporary folder if none is writable; a folder not owned by this user or writable by others is
 passed over: the library runs as us). cpp_extension rebuilds when the source or the flags change.
+A later process loads the library it built directly, through a stamp beside it (no ninja run).
 Ranks that build at once take turns on an `flock` (released by the kernel if a rank dies, unlike
 cpp_extension's own lock file, which a killed build leaves behind). `native_status()` says whether
 the ops can run and why not: no AVX2/FMA, no ninja, a failed build (no compiler, a warning), or

@@ -27,6 +27,7 @@ below, never a silent one), about 10 s once per machine and torch release, into 
 user (`$OPCD_CACHE_DIR`, else `$XDG_CACHE_HOME/megatron_opcd`, else `~/.cache/megatron_opcd`; a
 temporary folder if none is writable; a folder not owned by this user or writable by others is
 passed over: the library runs as us). cpp_extension rebuilds when the source or the flags change.
+A later process loads the library it built directly, through a stamp beside it (no ninja run).
 Ranks that build at once take turns on an `flock` (released by the kernel if a rank dies, unlike
 cpp_extension's own lock file, which a killed build leaves behind). `native_status()` says whether
 the ops can run and why not: no AVX2/FMA, no ninja, a failed build (no compiler, a warning), or
@@ -38,6 +39,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -70,8 +72,11 @@ def _build_folder() -> Path:
     """This user's folder for the build, one per Python and torch release (the library links
     against torch's C++ ABI) and per source file, its text and the flags: cpp_extension's ninja file
     names the source by path, so two checkouts (or two versions) sharing one folder would each
-    rebuild on every other process's start."""
-    digest = hashlib.sha256("\0".join([str(SOURCE), SOURCE.read_text(), *FLAGS]).encode()).hexdigest()[:12]
+    rebuild on every other process's start. Also per torch installation (its folder and full
+    version): the ninja file names torch's headers by path, so two environments of one release
+    (`.venv` and `.venv-nemo`) took turns rebuilding it too."""
+    key = [str(SOURCE), SOURCE.read_text(), *FLAGS, os.path.dirname(torch.__file__), torch.__version__]
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:12]
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}-{digest}"
     errors = []
     for folder in _cache_dirs():
@@ -118,6 +123,36 @@ def _exclusive(build: Path, ninja_dir: str):
             os.environ["PATH"] = path
 
 
+def _stamp(library: Path, compiler: str) -> str:
+    info = library.stat()
+    return json.dumps({"cxx": compiler, "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+
+
+def _load_built(build: Path, compiler: str) -> bool:
+    """Load the library a previous process of this user built here, without cpp_extension: its
+    ninja check costs a few tenths of a second per process, and two ninja releases (the system's,
+    the `ninja` package's in a virtual environment) disagree on each other's build log, so a check
+    by the other one rebuilt it (~13 s, every rank waiting on the flock; seen in `make test`, whose
+    processes have one or the other first on PATH). The folder's name already keys the source
+    text, flags, Python and torch; the stamp adds the compiler and the library file itself (a
+    rebuild changes its size or mtime, and a missing or stale stamp takes the full path)."""
+    library, stamp = build / "opcd_kernels.so", build / "opcd_kernels.built"
+    try:
+        if stamp.read_text() != _stamp(library, compiler):
+            return False
+    except OSError:  # never built here, or not by this code
+        return False
+    torch.ops.load_library(str(library))
+    return True
+
+
+def _mark_built(build: Path, compiler: str) -> None:
+    """After a build (or ninja's no-op check) that loaded: the stamp `_load_built` trusts, atomically."""
+    tmp = build / f"opcd_kernels.built.{os.getpid()}"
+    tmp.write_text(_stamp(build / "opcd_kernels.so", compiler))
+    os.replace(tmp, build / "opcd_kernels.built")
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> tuple[bool, str | None]:
     """(True, None) once the ops are registered in this process, or (False, why they cannot run)."""
@@ -131,12 +166,14 @@ def _library() -> tuple[bool, str | None]:
         return False, "ninja not found (pip install ninja)"
     compiler = os.environ.get("CXX", "c++")  # what cpp_extension runs
     try:
-        from torch.utils.cpp_extension import load
-
         build = _build_folder()
         with _exclusive(build, ninja_dir):
-            load(name="opcd_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
-                 is_python_module=False, verbose=False)
+            if not _load_built(build, compiler):
+                from torch.utils.cpp_extension import load
+
+                load(name="opcd_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
+                     is_python_module=False, verbose=False)
+                _mark_built(build, compiler)
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: fall back, with the reason
         return False, f"the kernels did not build or load with {compiler} ({type(exc).__name__}: {str(exc)[-300:]})"
     _register_fake()

@@ -60,6 +60,7 @@ MCORE_MODULES = (
     "test_teacher_layout.py",
     "test_generation.py",
     "test_train.py",
+    "test_lazy_jit.py",
     "test_convert.py",
     "reliability/test_model_errors.py",
     "reliability/test_numerics.py",

@@ -349,23 +349,25 @@ def rehearse(name: str, world: dict, work: Path, *, export: bool = True, timeout
 
 
 def export_and_load(ckpt: Path, hf: Path) -> dict:
-    """megatron-to-hf, then transformers loads the folder and scores a chat prompt."""
+    """megatron-to-hf, then transformers loads the folder and scores a chat prompt (in this process:
+    a second one would import torch and transformers again, ~8 CPU-s, for each export)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if hf.exists():
         shutil.rmtree(hf)
     _py(str(REPO / "tools" / "convert_checkpoint.py"), "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(hf))
-    code = (
-        "import json, sys, torch\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(hf)!r}, dtype=torch.float32).eval()\n"
-        f"t = AutoTokenizer.from_pretrained({str(hf)!r})\n"
-        "ids = t.apply_chat_template([{'role': 'user', 'content': 'What is 3 + 4?'}], add_generation_prompt=True,"
-        " return_tensors='pt', return_dict=True)['input_ids']\n"
-        "with torch.no_grad(): logits = m(ids).logits\n"
-        "assert torch.isfinite(logits).all()\n"
-        "print(json.dumps({'arch': m.config.architectures[0], 'vocab': logits.shape[-1], 'tokens': ids.shape[-1]}))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    _check(res.returncode == 0, f"transformers could not load {hf}", res.stdout + res.stderr)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    try:
+        m = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+        t = AutoTokenizer.from_pretrained(str(hf))
+        ids = t.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            logits = m(ids).logits
+    except Exception as exc:  # noqa: BLE001 - any refusal of transformers' is the rehearsal's failure
+        raise RehearsalError(f"transformers could not load {hf}: {type(exc).__name__}: {exc}") from exc
+    _check(bool(torch.isfinite(logits).all()), f"{hf}: the exported model's logits are not finite")
+    return {"arch": m.config.architectures[0], "vocab": logits.shape[-1], "tokens": ids.shape[-1]}
 
 
 def main(argv=None) -> int:

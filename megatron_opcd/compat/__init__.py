@@ -4,6 +4,7 @@
   entry point opts in with `enable_cpu()`.
 - `quiet`: filters for warnings that say nothing actionable on these machines.
 - `optional`: lazy probes for Transformer Engine and apex, the GPU-only dependencies.
+- `lazy_jit`: megatron-core's `jit_fuser` (torch.compile) applied at first call, not at import.
 """
 
 from megatron_opcd.compat import optional, quiet  # noqa: F401 - quiet installs its filters

@@ -10,6 +10,8 @@ writes it shard by shard itself and converts it through the same mapping as an H
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_opcd.errors import ConversionError
@@ -46,9 +48,28 @@ def load_gguf(path: str | Path):
     hf_logging.set_verbosity_error()  # the GGUF reader's per-tensor notices
     hf_logging.disable_progress_bar()
     try:
-        tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
-        model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+        with _read_once():
+            tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+            model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as exc:  # transformers' ways of refusing an architecture/file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ConversionError(f"transformers cannot read {f}: {first}") from None
     return model.eval(), tok
+
+
+@contextmanager
+def _read_once():
+    """Each file parsed once while loading: transformers opens a GGUF file three times (tokenizer,
+    config, weights), and gguf's reader parses every vocabulary string in Python (~8 CPU-s a time
+    for SmolLM2's 49k tokens); transformers also builds gguf's tensor-name map once per module of
+    the model (~400 times, ~8 CPU-s). Both are read-only here: the reader maps the file read-only."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    # transformers imports both from `gguf` inside the functions that call them: this is what they get.
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(saved[0])  # keyed by (path, mode)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])  # keyed by (arch, blocks)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved

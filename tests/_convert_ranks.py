@@ -69,7 +69,8 @@ def greedy(model, groups, prompts: torch.Tensor, new_tokens: int, vocab_size: in
 def run_case(tp: int, pp: int, tokens: torch.Tensor, prompts: torch.Tensor, new_tokens: int,
              hf_dir: Optional[str] = None, load_dir: Optional[str] = None, random_config: Optional[dict] = None,
              as_dict: bool = False, save_dir: Optional[str] = None, tokenizer_dir: Optional[str] = None,
-             compare_dirs: Optional[tuple] = None, divisible_by: int = 64) -> dict:
+             compare_dirs: Optional[tuple] = None, divisible_by: int = 64, ep: int = 1,
+             etp: Optional[int] = None) -> dict:
     from megatron_opcd import parallel
     from megatron_opcd.checkpointing import load_model_weights, read_model_config, save_checkpoint
     from megatron_opcd.config import ModelConfig, ParallelConfig
@@ -78,7 +79,8 @@ def run_case(tp: int, pp: int, tokens: torch.Tensor, prompts: torch.Tensor, new_
     from megatron_opcd.models import build_model
     from megatron_opcd.training.engine import configure_schedule
 
-    groups = parallel.initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    groups = parallel.initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                expert_model_parallel_size=ep, expert_tensor_parallel_size=etp))
     if compare_dirs is not None:
         return _compare_checkpoints(*compare_dirs)
     if hf_dir is not None:

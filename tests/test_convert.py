@@ -402,3 +402,134 @@ def test_qkv_and_fc1_layouts():
     padded = to_megatron(emb, [torch.ones(8, 8)], cfg, 16)
     assert padded.shape == (16, 8) and padded[8:].abs().sum() == 0
     assert to_hf(emb, padded, cfg)[0].shape == (8, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen3-MoE (issue 23): 8 experts, top-2, normalised top-k weights (as Qwen3-30B-A3B), hidden 32.
+
+MOE_LAYOUTS = {"tp1": dict(tp=1, pp=1), "ep2": dict(tp=1, pp=1, ep=2), "tp2xep2": dict(tp=2, pp=1, ep=2, etp=1),
+               "pp2": dict(tp=1, pp=2)}
+
+
+def _make_hf_moe(folder: Path, tok_dir: Path) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    model = Qwen3MoeForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            # The router's weights large, so that no token sits near a tie between its 2nd and 3rd
+            # expert (a rounding difference would route it elsewhere and the logits would differ).
+            scale = 1.0 if name.endswith("mlp.gate.weight") else 0.15 if "experts" in name else 0.1
+            p.copy_(1 + 0.3 * noise if "norm" in name else scale * noise)
+    model.eval()
+    path = folder / "qwen3_moe"
+    model.save_pretrained(str(path))  # the hub's per-expert names (mlp.experts.<e>.gate_proj.weight ...)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_world(run_ranks, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opcd.convert import hf_to_megatron, megatron_to_hf
+
+    root = tmp_path_factory.mktemp("convert_moe")
+    hf = _make_hf_moe(root, _make_tokenizer(root))
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (B, S), generator=gen)
+    prompts = torch.randint(3, VOCAB, (B, P), generator=gen)
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = {"logits": model(tokens).logits.float(), "greedy": _hf_generate(model, prompts)}
+    del model
+    ck = root / "ck_ep2"
+    hf_to_megatron(str(hf), ck, tp=1, pp=1, ep=2, dtype="fp32", make_vocab_size_divisible_by=64)
+    io = dict(tokens=tokens, prompts=prompts, new_tokens=NEW)
+    cases = [dict(hf_dir=str(hf), **MOE_LAYOUTS[k], **io) for k in MOE_LAYOUTS]
+    cases.append(dict(tp=1, pp=2, load_dir=str(ck), **io))  # the EP2 checkpoint read at PP2 (EP1)
+    two = run_ranks(many_cases, 2, cases, timeout=400)
+    two = [_last([r[i] for r in two]) for i in range(len(cases))]
+    exported = root / "export"
+    megatron_to_hf(ck, exported)
+    return dict(hf=hf, ck=ck, ref=ref, runs=dict(zip([*MOE_LAYOUTS, "ckpt_ep2_at_pp2"], two)), exported=exported,
+                prompts=prompts)
+
+
+@pytest.mark.parametrize("layout", [*MOE_LAYOUTS, "ckpt_ep2_at_pp2"])
+def test_qwen3_moe_logits_and_greedy_match_hf(moe_world, layout):
+    run, ref = moe_world["runs"][layout], moe_world["ref"]
+    assert run["logits"].shape == ref["logits"].shape == (B, S, VOCAB)
+    assert ref["logits"].std() > 0.1, "reference logits are nearly flat: the test would prove little"
+    assert_f32_close(run["logits"], ref["logits"], rel=1e-4)  # HF vs megatron kernels, float32
+    assert torch.all(run["padded_logits"] == 0)
+    assert torch.equal(run["greedy"], ref["greedy"]), f"{run['greedy']} vs HF {ref['greedy']}"
+
+
+def test_qwen3_moe_round_trip_is_identical(moe_world):
+    """HF -> megatron at EP2 -> HF (exported at EP1): every tensor bit-identical, the config's MoE
+    fields and the tokenizer back."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from megatron_opcd.convert import HFReader
+
+    original = load_file(str(moe_world["hf"] / "model.safetensors"))
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in original and "model.layers.0.mlp.gate.weight" in original
+    with HFReader(moe_world["exported"]) as back:
+        assert sorted(back.keys()) == sorted(original)
+        for name, t in original.items():
+            assert torch.equal(back.get(name), t), name
+    cfg_orig = json.loads((moe_world["hf"] / "config.json").read_text())
+    cfg_back = json.loads((moe_world["exported"] / "config.json").read_text())
+    assert cfg_back["architectures"] == ["Qwen3MoeForCausalLM"]
+    for key in ("model_type", "moe_intermediate_size", "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef",
+                "head_dim", "eos_token_id", "rope_parameters"):
+        assert cfg_back.get(key) == cfg_orig.get(key), key
+    experts = {c.get("num_experts") or c.get("num_local_experts") for c in (cfg_orig, cfg_back)}
+    assert experts == {8}
+    text = "hello world the teacher is a cat"
+    assert (AutoTokenizer.from_pretrained(str(moe_world["exported"])).encode(text)
+            == AutoTokenizer.from_pretrained(str(moe_world["hf"])).encode(text))
+
+
+def test_qwen3_moe_kv_cache_generate_matches_hf(moe_world, tmp_path):
+    """`python -m megatron_opcd.generate --greedy` (the project's KV-cache loop, at TP1 / EP1) on the
+    checkpoint converted at EP2 gives HF `generate`'s tokens."""
+    prompts = moe_world["prompts"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt_ids": p.tolist()}) + "\n" for p in prompts))
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_opcd.generate", "--ckpt", str(moe_world["ck"]), "--prompts",
+         str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--greedy", "--max-new-tokens", str(NEW),
+         "--ignore-eos", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    got = torch.tensor([p.tolist() + r["response_ids"] for p, r in zip(prompts, rows)])
+    assert torch.equal(got, moe_world["ref"]["greedy"])
+
+
+def test_qwen3_moe_config_refusals():
+    from megatron_opcd.convert import model_config_from_hf
+    from megatron_opcd.errors import ConversionError
+
+    base = dict(model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[])
+    cfg = model_config_from_hf(base)
+    assert (cfg.num_experts, cfg.moe_router_topk, cfg.moe_ffn_hidden_size, cfg.moe_norm_topk_prob,
+            cfg.moe_aux_loss_coeff, cfg.qk_layernorm) == (8, 2, 16, True, 0.001, True)
+    for bad, pattern in [({"decoder_sparse_step": 2}, "decoder_sparse_step=2.*mixed"),
+                         ({"mlp_only_layers": [0]}, "mlp_only_layers=\\[0\\].*mixed")]:
+        with pytest.raises(ConversionError, match=pattern) as info:
+            model_config_from_hf({**base, **bad})
+        assert "\n" not in str(info.value)

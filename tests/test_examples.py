@@ -230,3 +230,32 @@ def test_estimate_memory_cli_reads_world_size_from_the_file_name():
 def test_every_paper_setting_fits_an_h100_by_the_estimate(path):
     r = estimate_memory.estimate(load_train_config(str(path)), estimate_memory.world_size_from_name(str(path)))
     assert r["peak_bytes"] < 0.9 * 80 * 2**30
+
+
+def test_estimate_memory_counts_moe_parameters_of_the_built_model():
+    """An MoE model's count = the parameters of the tiny Qwen3-MoE transformers builds (8 experts,
+    top-2); under EP each rank holds its share of the experts (router and attention replicated),
+    and the active count is the model with only top-k experts."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from megatron_opcd.config import ModelConfig
+    from megatron_opcd.convert import model_config_from_hf
+
+    hf_cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    model = Qwen3MoeForCausalLM(hf_cfg)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    m = model_config_from_hf(hf_cfg, make_vocab_size_divisible_by=64)  # 256 rows: no padding
+    assert estimate_memory.stage_params(m, 1, 1).total == total
+    assert estimate_memory.stage_params(m, 1, 1, ep=2).busiest == total - experts // 2
+    # TP2 x EP2 with expert TP 1: attention and embeddings halve, each rank keeps 4 whole experts.
+    per_rank = estimate_memory.stage_params(m, 2, 1, ep=2, etp=1).busiest
+    dense = ModelConfig(**{**{k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                                        "num_query_groups", "kv_channels", "vocab_size",
+                                                        "make_vocab_size_divisible_by", "qk_layernorm", "tie_embeddings")},
+                           "ffn_hidden_size": 1})
+    no_mlp = estimate_memory.stage_params(dense, 2, 1).busiest - 2 * (3 * 32 * 1) // 2
+    assert per_rank == no_mlp + 2 * (8 * 32) + experts // 2
+    assert estimate_memory.active_params(m) == total - experts + experts // 8 * 2

@@ -5,11 +5,12 @@ made tiny and the topology scaled down (TP=2 x DP=2 for a tp2pp1 example, DP=2 f
 examples/prepare_data.py; 2 steps with an evaluation and a checkpoint, SIGUSR1 inside step 3 (exit 0,
 requeue), the resumed job finishing step 3, megatron-to-hf and transformers loading the export.
 
-`make test` rehearses all 13 (spread over the pytest-xdist workers, one group per example);
-`OPCD_REHEARSAL=ci` only four that between them cover every option the 13 use (TP=2 with sequence
-parallelism and the distributed optimizer, a larger frozen teacher on its own TP layout, an
-experience pool, Qwen3 QK-norm, Llama 3 rope scaling with tied embeddings and a system prompt file, the math and choice
-graders, a multi-turn game with `teacher: self`).
+`make test` rehearses all 14 (spread over the pytest-xdist workers, one group per example);
+`OPCD_REHEARSAL=ci` only four that between them cover every option the 14 use but the MoE
+teacher's expert parallelism (TP=2 with sequence parallelism and the distributed optimizer, a
+larger frozen teacher on its own TP layout, an experience pool, Qwen3 QK-norm, Llama 3 rope scaling
+with tied embeddings and a system prompt file, the math and choice graders, a multi-turn game with
+`teacher: self`).
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ def world(tmp_path_factory):
 
 
 def test_every_example_has_a_rehearsal():
-    """The CI subset is a subset of the 13, and every example can be set up (its tiny models and
+    """The CI subset is a subset of the 14, and every example can be set up (its tiny models and
     overrides derive from its YAML and sbatch script)."""
     from megatron_opcd.training.config import load_train_config
 
-    assert len(ALL) == 13 and set(CI) <= set(ALL)
+    assert len(ALL) == 14 and set(CI) <= set(ALL)
     for name in ALL:
         real = load_train_config(str(REPO / "examples" / f"{name}.yaml"))
         student, teacher, ckpts = rehearse.tiny_models(name)

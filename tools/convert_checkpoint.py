@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="checkpoint folder to write")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks used for the conversion")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks used for the conversion")
+    a.add_argument("--ep", type=int, default=1, help="expert-parallel ranks used for an MoE model (Qwen3-MoE)")
     a.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="parameter dtype (default: fp32 for fp32 HF weights and for GGUF files, else bf16)")
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("megatron-to-hf", help="megatron-opcd checkpoint -> HF folder")
     b.add_argument("--ckpt", required=True, help="megatron-opcd checkpoint folder (trainer or converter)")
     b.add_argument("--out", required=True, help="HF folder to write")
-    b.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default=None,
+    b.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "qwen3_moe"], default=None,
                    help="expected architecture (refuses a checkpoint of another); default: inferred")
     b.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="dtype of the safetensors (default: the checkpoint's)")
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
                                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                                  tokenizer=tok, source=str(path), timeout=args.timeout)
         elif args.command == "hf-to-megatron":
-            out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+            out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                                  timeout=args.timeout)
         else:

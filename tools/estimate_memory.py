@@ -77,8 +77,23 @@ class StageParams:
         return max(self.first, self.last)
 
 
-def layer_params(m: ModelConfig, tp: int) -> int:
-    """One transformer layer's parameters on one TP rank (norms are replicated across TP)."""
+def moe_mlp_params(m: ModelConfig, tp: int, ep: int = 1, etp: int | None = None, *, active: bool = False) -> int:
+    """One MoE layer's MLP parameters on one rank: the router (replicated), its num_experts / EP
+    experts each split over the expert TP group (`etp`, default TP), the shared expert split over
+    TP. `active`: what one token runs through instead (top-k experts, unsharded)."""
+    h, ffn = m.hidden_size, m.moe_ffn_hidden_size
+    per_expert = h * (2 if m.activation == "swiglu" else 1) * ffn + ffn * h
+    shared = m.moe_shared_expert_intermediate_size or 0
+    shared_params = 3 * h * shared + (h if shared else 0)  # SwiGLU + megatron's shared-expert gate [1, h]
+    router = m.num_experts * h
+    if active:
+        return router + m.moe_router_topk * per_expert + shared_params
+    return router + (m.num_experts // ep) * per_expert // (etp or tp) + shared_params // tp
+
+
+def layer_params(m: ModelConfig, tp: int, ep: int = 1, etp: int | None = None) -> int:
+    """One transformer layer's parameters on one TP rank (norms are replicated across TP); an MoE
+    layer's MLP as `moe_mlp_params` at EP `ep` and expert TP `etp`."""
     h, hd, heads, groups, ffn = m.hidden_size, m.head_dim, m.num_attention_heads, m.query_groups, m.ffn_size
     qkv_out = (heads + 2 * groups) * hd
     attn = h * qkv_out + heads * hd * h  # linear_qkv + linear_proj
@@ -87,7 +102,7 @@ def layer_params(m: ModelConfig, tp: int) -> int:
     if m.add_bias_linear:
         attn += h * tp  # the output projection's bias is replicated, not split
     mlp_in = 2 * ffn if m.activation == "swiglu" else ffn
-    mlp = h * mlp_in + ffn * h
+    mlp = 0 if m.is_moe else h * mlp_in + ffn * h
     if m.add_bias_linear:
         mlp += mlp_in + h * tp
     sharded = (attn + mlp) // tp
@@ -95,15 +110,17 @@ def layer_params(m: ModelConfig, tp: int) -> int:
     replicated = 2 * norm  # input_layernorm (fused into linear_qkv under TE) + pre_mlp_layernorm
     if m.qk_layernorm:
         replicated += 2 * hd  # q_layernorm + k_layernorm, per head dimension
+    if m.is_moe:
+        replicated += moe_mlp_params(m, tp, ep, etp)
     return sharded + replicated
 
 
-def stage_params(m: ModelConfig, tp: int, pp: int) -> StageParams:
+def stage_params(m: ModelConfig, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> StageParams:
     vocab = m.padded_vocab_size(tp)
     emb = vocab * m.hidden_size // tp
     pos = m.max_position_embeddings * m.hidden_size if m.position_embedding_type == "learned_absolute" else 0
     final_norm = m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
-    layers = (m.num_layers // pp) * layer_params(m, tp)
+    layers = (m.num_layers // pp) * layer_params(m, tp, ep, etp)
     if pp == 1:
         # One stage; a tied output layer is the embedding itself.
         first = last = layers + emb + pos + final_norm + (0 if m.tie_embeddings else emb)
@@ -112,6 +129,15 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> StageParams:
         first, last = layers + emb + pos, layers + emb + final_norm
     total = m.num_layers * layer_params(m, 1) + vocab * m.hidden_size * (1 if m.tie_embeddings else 2) + pos + final_norm
     return StageParams(first=first, last=last, total=total)
+
+
+def active_params(m: ModelConfig) -> int:
+    """Parameters one token runs through (the whole model for a dense one; an MoE model's top-k
+    experts instead of all of them)."""
+    total = stage_params(m, 1, 1).total
+    if not m.is_moe:
+        return total
+    return total - m.num_layers * (moe_mlp_params(m, 1) - moe_mlp_params(m, 1, active=True))
 
 
 def optimizer_bytes_per_param(name: str, params_dtype: str) -> int:
@@ -193,8 +219,10 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
         t.check_parallel(tl, "teacher", **cfg.teacher_parallel_names)
     teacher_model = t or s
 
-    sp = stage_params(s, tp, pp)
-    tparams = stage_params(t, ttp, tpp) if t is not None else None
+    ep, etp = p.expert_model_parallel_size, p.expert_tp_size  # experts split by EP (MoE models only)
+    sp = stage_params(s, tp, pp, ep, etp)
+    # A teacher on its own layout is dense (config refuses MoE/EP there): its EP is the student's.
+    tparams = stage_params(t, ttp, tpp, ep, etp) if t is not None else None
     sbytes = DTYPE_BYTES[s.params_dtype]
     optim = sp.busiest * optimizer_bytes_per_param(cfg.optimizer.name, s.params_dtype)
     if p.use_distributed_optimizer:
@@ -248,6 +276,8 @@ def estimate(cfg: TrainConfig, world_size: int) -> dict:
         "teacher_params": tparams.total if tparams else 0,
         "teacher_params_per_gpu": tparams.busiest if tparams else 0,
         "teacher_layout": {"tp": ttp, "pp": tpp, "dp": tdp, "own_groups": own},
+        "student_active_params": active_params(s),
+        "teacher_active_params": active_params(t) if t is not None else 0,
         "bytes": {k: int(v) for k, v in parts.items()},
         "phases": {k: int(v) for k, v in phases.items()},
         "peak_bytes": int(max(phases.values())),

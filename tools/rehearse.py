@@ -53,6 +53,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</
 TINY_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings",
                "params_dtype", "transformer_impl", "fp8")
+MOE_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size")  # an MoE model's, shrunk too
 
 STUB_SRUN = """#!/bin/bash
 # srun stand-in: drop srun's options, run the command line (bash slurm/task.sh ...) in its place.
@@ -162,6 +163,8 @@ def tiny(model, *, big: bool):
     """The same architecture, tiny: 2 layers x 64 (teachers 3 x 96), 4 heads, GQA kept, 256 vocab."""
     hidden = 96 if big else 64
     groups = 2 if model.num_query_groups and model.num_query_groups < model.num_attention_heads else 4
+    if model.is_moe:  # 8 experts, top-2, expert FFN 32 (Qwen3-MoE's shape in miniature)
+        model = dataclasses.replace(model, num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32)
     return dataclasses.replace(
         model, num_layers=3 if big else 2, hidden_size=hidden, num_attention_heads=4, num_query_groups=groups,
         ffn_hidden_size=2 * hidden, kv_channels=None if model.kv_channels is None else hidden // 4, vocab_size=256,
@@ -246,7 +249,10 @@ def overrides(name: str) -> list[str]:
     out = [f"model.{f}={_yaml(getattr(student, f))}" for f in TINY_FIELDS]
     if teacher is not None:
         out += [f"teacher.model.{f}={_yaml(getattr(teacher, f))}" for f in TINY_FIELDS]
+        out += [f"teacher.model.{f}={_yaml(getattr(teacher, f))}" for f in MOE_FIELDS if teacher.is_moe]
     dp = ranks_of(name) // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+    if cfg.parallel.expert_model_parallel_size > 1:  # EP over the rehearsal's ranks of a stage
+        out.append(f"parallel.expert_model_parallel_size={min(cfg.parallel.expert_model_parallel_size, dp)}")
     out += ["parallel.backend=gloo", "schedule.steps=3", "schedule.global_batch_size=4",
             f"schedule.micro_batch_size={max(1, 4 // (dp * 2))}", "generation.max_new_tokens=8",
             "evaluation.interval=2", "evaluation.num_prompts=4", "evaluation.max_new_tokens=8",

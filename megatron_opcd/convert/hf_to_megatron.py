@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Qwen2 / Qwen3 -> megatron-core model (in memory) or checkpoint (on disk).
+"""Hugging Face Llama / Qwen2 / Qwen3 / Qwen3-MoE -> megatron-core model (in memory) or checkpoint (on disk).
 
 `load_hf_state_into_megatron` copies this rank's shards into an already-built model stage, one
 parameter at a time: it reads the HF tensors of that parameter (lazily, through a getter), builds
@@ -64,7 +64,13 @@ def load_hf_state_into_megatron(model, hf_state: HFState, model_config: ModelCon
     """
     from megatron_opcd import parallel
     from megatron_opcd.checkpointing import unwrap
-    from megatron_opcd.models.sharding import full_shape, global_named_parameters, partition_of, shard
+    from megatron_opcd.models.sharding import (
+        full_shape,
+        global_named_parameters,
+        is_expert_parameter,
+        partition_of,
+        shard,
+    )
 
     groups = groups or parallel.groups()
     module = unwrap(model)
@@ -78,21 +84,25 @@ def load_hf_state_into_megatron(model, hf_state: HFState, model_config: ModelCon
             if model_config.tie_embeddings and name == "output_layer.weight":
                 # Tied embeddings with PP > 1: the last stage's copy of the input embedding.
                 source = "embedding.word_embeddings.weight"
-            rule, layer = rule_for(arch, source)
-            names = hf_names(rule, layer)
+            rule, index = rule_for(arch, source)
+            names = hf_names(rule, index)
             full = to_megatron(rule, [get(n) for n in names], model_config, padded)
-            expected = full_shape(param, groups.tp_size)
+            # An expert's weights split over the expert TP group (its own size under EP), the rest over TP.
+            rank, size = ((groups.expert_tp_rank, groups.expert_tp_size) if is_expert_parameter(name)
+                          else (groups.tp_rank, groups.tp_size))
+            expected = full_shape(param, size)
             if tuple(full.shape) != tuple(expected):
                 raise ConversionError(
                     f"{name}: the Hugging Face tensors {names} give shape {tuple(full.shape)}, the megatron model "
                     f"has {tuple(expected)}; the model was built from another config than this checkpoint"
                 )
             is_tp, dim, stride = partition_of(param)
-            local = shard(full, dim, stride, groups.tp_rank, groups.tp_size) if is_tp else full
+            local = shard(full, dim, stride, rank, size) if is_tp else full
             param.copy_(local.to(device=param.device, dtype=param.dtype))
             used.update(names)
             del full, local  # only one parameter's full tensors are alive at a time
-    if isinstance(hf_state, Mapping) and groups.pp_size == 1:
+    # Only a rank that holds every layer and every expert can tell an unused tensor.
+    if isinstance(hf_state, Mapping) and groups.pp_size == 1 and groups.ep_size == 1:
         unused = sorted(n for n in hf_state if n not in used and not _ignorable(n, model_config))
         if unused:
             raise ConversionError(
@@ -127,16 +137,18 @@ def _check_out_dir(out: Path) -> None:
 
 
 def _convert_rank(hf_dir: str, out_dir: str, cfg_dict: dict, tp: int, pp: int, side_dir: Optional[str],
-                  meta: dict) -> dict:
+                  meta: dict, ep: int = 1) -> dict:
     """One rank of `hf_to_megatron`: build this stage, fill it from the HF files, save."""
     from megatron_opcd import parallel
     from megatron_opcd.checkpointing import save_checkpoint
     from megatron_opcd.models import build_model
 
-    groups = parallel.initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    groups = parallel.initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                expert_model_parallel_size=ep))
     cfg = from_dict(ModelConfig, cfg_dict)
-    # init=False: no layout-invariant init (every parameter is overwritten below).
-    model = build_model(cfg, "student", groups=groups, init=False)
+    # init=False: no layout-invariant init (every parameter is overwritten below). An MoE model is
+    # built as a teacher: nothing is trained here, and a student under TP would need SP.
+    model = build_model(cfg, "teacher" if cfg.is_moe else "student", groups=groups, init=False)
     with hf_files.HFReader(hf_dir) as reader:
         used = load_hf_state_into_megatron(model, reader.get, cfg, groups)
         available = reader.keys()
@@ -145,7 +157,7 @@ def _convert_rank(hf_dir: str, out_dir: str, cfg_dict: dict, tp: int, pp: int, s
 
 
 def hf_to_megatron(hf_path_or_model: Any, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                   dtype: Optional[str] = None, *, make_vocab_size_divisible_by: int = 128,
+                   dtype: Optional[str] = None, *, ep: int = 1, make_vocab_size_divisible_by: int = 128,
                    tokenizer: Any = None, source: Optional[str] = None, timeout: float = 3600.0) -> Path:
     """Convert an HF Llama / Qwen2 / Qwen3 model to a megatron-opcd checkpoint at TP x PP.
 
@@ -154,7 +166,9 @@ def hf_to_megatron(hf_path_or_model: Any, out_dir: str | Path, tp: int = 1, pp: 
     refuses models loaded from GGUF). `dtype`: bf16 | fp32; default: fp32 if the HF weights are
     fp32, else bf16. `tokenizer`: a folder or an HF tokenizer object, for in-memory models (a
     folder's own tokenizer files are always taken). `source`: what an in-memory model was read
-    from (e.g. a GGUF file), recorded as `converted_from`. Runs TP x PP local ranks; returns `out_dir`.
+    from (e.g. a GGUF file), recorded as `converted_from`. `ep`: expert-parallel ranks for an MoE
+    model (Qwen3-MoE; expert TP = TP). Runs TP x PP x EP local ranks (EP x TP per pipeline stage, as
+    megatron-core lays the experts over DP x TP); returns `out_dir`, which loads at any TP/PP/EP.
     """
     out = Path(out_dir)
     _check_out_dir(out)
@@ -175,15 +189,15 @@ def hf_to_megatron(hf_path_or_model: Any, out_dir: str | Path, tp: int = 1, pp: 
         hf_cfg = hf_files.read_hf_config(hf_dir)
         cfg = model_config_from_hf(hf_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                                    params_dtype=_dtype_name(hf_cfg, dtype))
-        check_layout(cfg, tp, pp)
+        check_layout(cfg, tp, pp, ep)
         side = tmp / "side"
         copied = hf_files.copy_side_files(hf_dir, side, include_config=True)
         meta = {"converted_from": str(hf_path_or_model) if isinstance(hf_path_or_model, (str, Path))
                 else source or "memory",
-                "hf_model_type": hf_cfg["model_type"], "tp": tp, "pp": pp}
+                "hf_model_type": hf_cfg["model_type"], "tp": tp, "pp": pp, "ep": ep}
         results = run_conversion_ranks(
-            _convert_rank, tp * pp,
-            (str(hf_dir), str(out), to_dict(cfg), tp, pp, str(side) if copied else None, meta),
+            _convert_rank, tp * pp * ep,
+            (str(hf_dir), str(out), to_dict(cfg), tp, pp, str(side) if copied else None, meta, ep),
             timeout=timeout,
         )
     used = set().union(*(set(r["used"]) for r in results))
@@ -215,11 +229,15 @@ def run_conversion_ranks(fn, world_size: int, args: tuple, timeout: float) -> li
         raise ConversionError(m.group(2).strip()) from exc
 
 
-def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
+def check_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConversionError(f"--tp, --pp and --ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
+    if ep > 1 and not cfg.is_moe:
+        raise ConversionError(f"--ep={ep} is for mixture-of-experts models; this one is dense: drop --ep")
     try:
-        cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        cfg.check_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                          expert_model_parallel_size=ep))
     except ConfigError as exc:
         raise ConversionError(str(exc).replace("parallel.tensor_model_parallel_size", "--tp")
-                              .replace("parallel.pipeline_model_parallel_size", "--pp")) from None
+                              .replace("parallel.pipeline_model_parallel_size", "--pp")
+                              .replace("parallel.expert_model_parallel_size", "--ep")) from None

@@ -15,6 +15,10 @@ and the transform between them:
     fc1     (gate, up) -> megatron's fused linear_fc1 = [gate; up] (full layout; TP shards take
             matching slices of both halves, see models/sharding.py stride 2)
 
+Qwen3-MoE's experts are named `{e}` (the *global* expert index, which models/sharding.py gives a
+rank's local experts under EP); each expert is a SwiGLU MLP like the dense one (fc1 = [gate; up],
+fc2 = down), split over the expert tensor-parallel group instead of the TP group.
+
 Llama and Qwen use the same "rotate_half" RoPE convention as megatron (rotary_interleaved=False),
 so q and k need no permutation (the logits tests in tests/test_convert.py check it).
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 
@@ -38,9 +42,9 @@ Kind = Literal["copy", "vocab", "qkv", "fc1"]
 @dataclass(frozen=True)
 class Rule:
     megatron: str
-    """megatron-core parameter name; `{i}` is the global layer index."""
+    """megatron-core parameter name; `{i}` is the global layer index, `{e}` the global expert index."""
     hf: tuple[str, ...]
-    """Hugging Face tensor names it is made of; `{i}` as above."""
+    """Hugging Face tensor names it is made of; `{i}` and `{e}` as above."""
     kind: Kind = "copy"
 
 
@@ -89,6 +93,19 @@ QWEN3: list[Rule] = LLAMA + [
     Rule(_LAYER + "self_attention.k_layernorm.weight", (_HF_LAYER + "self_attn.k_norm.weight",)),
 ]
 
+# Qwen3-MoE: Qwen3's attention (QK-norm) and every layer's MLP a mixture of experts: a router
+# (`mlp.gate`, no bias) and experts in the hub's per-expert form (`mlp.experts.{e}.gate_proj` ...;
+# transformers v5 fuses them into `gate_up_proj` in memory but reads and writes this form).
+QWEN3_MOE: list[Rule] = [r for r in QWEN3 if ".mlp." not in r.megatron] + [
+    Rule(_LAYER + "mlp.router.weight", (_HF_LAYER + "mlp.gate.weight",)),
+    Rule(
+        _LAYER + "mlp.experts.local_experts.{e}.linear_fc1.weight",
+        (_HF_LAYER + "mlp.experts.{e}.gate_proj.weight", _HF_LAYER + "mlp.experts.{e}.up_proj.weight"),
+        "fc1",
+    ),
+    Rule(_LAYER + "mlp.experts.local_experts.{e}.linear_fc2.weight", (_HF_LAYER + "mlp.experts.{e}.down_proj.weight",)),
+]
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -101,12 +118,16 @@ class Architecture:
     qk_norm: bool
     has_head_dim: bool
     """Whether the HF config has a `head_dim` field (Qwen2 derives it as hidden / heads)."""
+    moe: bool = False
+    """Every layer's MLP is a mixture of experts."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", "LlamaForCausalLM", LLAMA, qkv_bias=False, qk_norm=False, has_head_dim=True),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", QWEN2, qkv_bias=True, qk_norm=False, has_head_dim=False),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", QWEN3, qkv_bias=False, qk_norm=True, has_head_dim=True),
+    "qwen3_moe": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE, qkv_bias=False, qk_norm=True,
+                              has_head_dim=True, moe=True),
 }
 
 SUPPORTED = ", ".join(ARCHITECTURES)
@@ -117,7 +138,7 @@ def architecture(model_type: str) -> Architecture:
     if arch is None:
         raise ConversionError(
             f"model_type '{model_type}' is not supported by the converter; supported: {SUPPORTED} "
-            "(Llama 3.x, Qwen2/2.5, Qwen3 dense models)"
+            "(Llama 3.x, Qwen2/2.5, Qwen3 dense models, Qwen3-MoE)"
         )
     return arch
 
@@ -127,27 +148,29 @@ def architecture(model_type: str) -> Architecture:
 
 
 def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+    escaped = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)").replace(re.escape("{e}"), r"(?P<e>\d+)")
+    return re.compile("^" + escaped + "$")
 
 
 _COMPILED: dict[int, list[tuple[re.Pattern, Rule]]] = {}
 
 
-def rule_for(arch: Architecture, megatron_name: str) -> tuple[Rule, Optional[int]]:
-    """The rule of a megatron parameter and its global layer index (None outside layers)."""
+def rule_for(arch: Architecture, megatron_name: str) -> tuple[Rule, dict[str, int]]:
+    """The rule of a megatron parameter and its indices: {"i": global layer, "e": global expert}
+    where the name has them ({} outside layers)."""
     compiled = _COMPILED.setdefault(id(arch.rules), [(_pattern(r.megatron), r) for r in arch.rules])
     for pattern, rule in compiled:
         m = pattern.match(megatron_name)
         if m:
-            return rule, int(m.group("i")) if "i" in pattern.groupindex else None
+            return rule, {k: int(v) for k, v in m.groupdict().items()}
     raise ConversionError(
         f"megatron parameter '{megatron_name}' has no {arch.model_type} mapping; the model was built with "
         "options this architecture does not have (see docs/conversion.md)"
     )
 
 
-def hf_names(rule: Rule, layer: Optional[int]) -> list[str]:
-    return [n.format(i=layer) if layer is not None else n for n in rule.hf]
+def hf_names(rule: Rule, index: dict[str, int]) -> list[str]:
+    return [n.format(**index) for n in rule.hf]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +273,7 @@ def model_config_from_hf(hf_config: Any, *, make_vocab_size_divisible_by: int = 
         raise refuse("use_sliding_window=true")
     if any(t != "full_attention" for t in d.get("layer_types") or []):
         raise refuse(f"layer_types other than full_attention ({sorted(set(d['layer_types']))})")
-    if d.get("num_experts") or d.get("num_local_experts"):
+    if (d.get("num_experts") or d.get("num_local_experts")) and not arch.moe:
         raise refuse("mixture of experts")
     theta, scaling = _rope(d)
     rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
@@ -285,6 +308,8 @@ def model_config_from_hf(hf_config: Any, *, make_vocab_size_divisible_by: int = 
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         params_dtype=params_dtype,
     )
+    if arch.moe:
+        kwargs.update(_moe_fields(d, refuse))
     if rope_type == "llama3":
         kwargs.update(
             rope_scaling=True,
@@ -297,6 +322,27 @@ def model_config_from_hf(hf_config: Any, *, make_vocab_size_divisible_by: int = 
         return ModelConfig(**kwargs)
     except ConfigError as exc:
         raise ConversionError(f"{name}: {exc}") from None
+
+
+def _moe_fields(d: dict, refuse) -> dict:
+    """ModelConfig's MoE fields of a Qwen3-MoE config; refuses layers that are not all MoE."""
+    experts = d.get("num_experts") or d.get("num_local_experts")
+    if not experts:
+        raise refuse("a qwen3_moe config without num_experts")
+    if int(d.get("decoder_sparse_step") or 1) != 1:
+        raise refuse(f"decoder_sparse_step={d['decoder_sparse_step']} (dense and MoE layers mixed; every layer "
+                     "must be MoE: decoder_sparse_step=1)")
+    if d.get("mlp_only_layers"):
+        raise refuse(f"mlp_only_layers={d['mlp_only_layers']} (dense and MoE layers mixed; every layer must be MoE)")
+    if d.get("shared_expert_intermediate_size"):
+        raise refuse("a shared expert (Qwen3-MoE has none)")
+    return dict(
+        num_experts=int(experts),
+        moe_router_topk=int(d.get("num_experts_per_tok") or 8),
+        moe_ffn_hidden_size=int(d["moe_intermediate_size"]),
+        moe_norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        moe_aux_loss_coeff=float(d.get("router_aux_loss_coef") or 0.0),
+    )
 
 
 def architecture_of(cfg: ModelConfig) -> Architecture:
@@ -312,10 +358,16 @@ def architecture_of(cfg: ModelConfig) -> Architecture:
         problems.append("add_bias_linear=true")
     if cfg.add_qkv_bias and cfg.qk_layernorm:
         problems.append("both add_qkv_bias and qk_layernorm")
+    if cfg.is_moe and not cfg.qk_layernorm:
+        problems.append("experts without qk_layernorm")
+    if cfg.is_moe and cfg.moe_shared_expert_intermediate_size:
+        problems.append("a shared expert")
     if problems:
         raise ConversionError(
             f"a model with {', '.join(problems)} has no Hugging Face counterpart among {SUPPORTED}"
         )
+    if cfg.is_moe:
+        return ARCHITECTURES["qwen3_moe"]
     if cfg.qk_layernorm:
         return ARCHITECTURES["qwen3"]
     if cfg.add_qkv_bias:
@@ -360,14 +412,18 @@ def hf_config_fields(arch: Architecture, cfg: ModelConfig) -> dict:
     )
     if arch.has_head_dim:
         out["head_dim"] = cfg.head_dim
-    if arch.model_type in ("llama", "qwen3"):
+    if arch.model_type in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = False
     if arch.model_type == "llama":
         out["mlp_bias"] = False
-    if arch.model_type in ("qwen2", "qwen3"):
+    if arch.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         out["use_sliding_window"] = False
         out["layer_types"] = ["full_attention"] * cfg.num_layers
         out["max_window_layers"] = cfg.num_layers
+    if arch.moe:
+        out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.moe_router_topk,
+                   moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=cfg.moe_norm_topk_prob,
+                   router_aux_loss_coef=cfg.moe_aux_loss_coeff, decoder_sparse_step=1, mlp_only_layers=[])
     return out
 
 
@@ -375,6 +431,7 @@ def hf_config_fields(arch: Architecture, cfg: ModelConfig) -> dict:
 ARCHITECTURAL_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_size", "head_dim", "vocab_size",
     "norm_epsilon", "rotary_base", "rope_scaling", "add_qkv_bias", "qk_layernorm", "tie_embeddings",
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob",
 )
 
 

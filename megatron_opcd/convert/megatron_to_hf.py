@@ -60,8 +60,8 @@ def _export_rank(ckpt_dir: str, out_dir: str, cfg_dict: dict, model_type: str, d
     written = []
     with torch.no_grad():
         for name, param in global_named_parameters(model):
-            rule, layer = rule_for(arch, name)
-            for hf_name, tensor in zip(hf_names(rule, layer), to_hf(rule, param.detach(), cfg)):
+            rule, index = rule_for(arch, name)
+            for hf_name, tensor in zip(hf_names(rule, index), to_hf(rule, param.detach(), cfg)):
                 writer.add(hf_name, tensor.to(torch_dtype))
                 written.append(hf_name)
             # The parameter is in the writer's buffer now (or on disk): free the model's copy.
@@ -81,9 +81,10 @@ def megatron_to_hf(ckpt_dir: str | Path, out_path: str | Path, *, arch: Optional
     """Export a megatron-opcd checkpoint to an HF folder that `AutoModelForCausalLM.from_pretrained`
     loads: config.json, safetensors shards (+ index), generation_config.json, tokenizer files.
 
-    `arch`: the expected model_type (llama | qwen2 | qwen3); a checkpoint of another architecture
-    is refused. Default: inferred from the checkpoint's ModelConfig (QK-norm: qwen3; QKV bias:
-    qwen2; neither: llama). `dtype`: bf16 | fp32 | fp16, default the checkpoint's. Returns out_path.
+    `arch`: the expected model_type (llama | qwen2 | qwen3 | qwen3_moe); a checkpoint of another architecture
+    is refused. Default: inferred from the checkpoint's ModelConfig (experts: qwen3_moe; QK-norm:
+    qwen3; QKV bias: qwen2; neither: llama). A checkpoint saved at any EP loads here at EP=1.
+    `dtype`: bf16 | fp32 | fp16, default the checkpoint's. Returns out_path.
     """
     from megatron_opcd.checkpointing import read_model_config, tokenizer_dir
     from megatron_opcd.convert.hf_to_megatron import run_conversion_ranks
@@ -101,7 +102,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_path: str | Path, *, arch: Optional
     original = _original_hf_config(tok_dir)
     if original is not None and original.get("model_type") in ARCHITECTURES:
         recorded = architecture(original["model_type"])
-        if recorded.qk_norm == found.qk_norm and recorded.qkv_bias == found.qkv_bias:
+        if (recorded.qk_norm, recorded.qkv_bias, recorded.moe) == (found.qk_norm, found.qkv_bias, found.moe):
             found = recorded
     if arch is not None:
         asked = architecture(arch)

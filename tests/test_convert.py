@@ -230,20 +230,25 @@ def test_logits_and_greedy_match_hf(world, arch, layout):
     assert torch.equal(run["greedy"], ref["greedy"]), f"{run['greedy']} vs HF {ref['greedy']}"
 
 
-@pytest.mark.skipif(not (REPO / "megatron_opcd" / "generate.py").is_file(), reason="megatron_opcd.generate not present")
-def test_generate_cli_matches_hf_generate(world, tmp_path):
-    """`python -m megatron_opcd.generate --greedy` on the Llama checkpoint the CLI converted at TP=2
-    (loaded at TP=1, KV-cache decoding, tokenizer from the checkpoint) gives HF `generate`'s tokens."""
-    prompts = world["prompts"]
+def _generate_cli(ckpt, prompts, tmp_path) -> torch.Tensor:
+    """`python -m megatron_opcd.generate --greedy` (the project's KV-cache loop) on `ckpt` for
+    `prompts` (rows of token ids): [prompt + response] per row, as HF `generate` returns them."""
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt_ids": p.tolist()}) + "\n" for p in prompts))
     out = subprocess.run(
-        [sys.executable, "-m", "megatron_opcd.generate", "--ckpt", str(world["ck"]["llama"]), "--prompts",
+        [sys.executable, "-m", "megatron_opcd.generate", "--ckpt", str(ckpt), "--prompts",
          str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--greedy", "--max-new-tokens", str(NEW),
          "--ignore-eos", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-    got = torch.tensor([p.tolist() + r["response_ids"] for p, r in zip(prompts, rows)])
+    return torch.tensor([p.tolist() + r["response_ids"] for p, r in zip(prompts, rows)])
+
+
+@pytest.mark.skipif(not (REPO / "megatron_opcd" / "generate.py").is_file(), reason="megatron_opcd.generate not present")
+def test_generate_cli_matches_hf_generate(world, tmp_path):
+    """`python -m megatron_opcd.generate --greedy` on the Llama checkpoint the CLI converted at TP=2
+    (loaded at TP=1, KV-cache decoding, tokenizer from the checkpoint) gives HF `generate`'s tokens."""
+    got = _generate_cli(world["ck"]["llama"], world["prompts"], tmp_path)
     assert torch.equal(got, world["ref"]["llama"]["greedy"])
 
 
@@ -504,16 +509,7 @@ def test_qwen3_moe_round_trip_is_identical(moe_world):
 def test_qwen3_moe_kv_cache_generate_matches_hf(moe_world, tmp_path):
     """`python -m megatron_opcd.generate --greedy` (the project's KV-cache loop, at TP1 / EP1) on the
     checkpoint converted at EP2 gives HF `generate`'s tokens."""
-    prompts = moe_world["prompts"]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt_ids": p.tolist()}) + "\n" for p in prompts))
-    out = subprocess.run(
-        [sys.executable, "-m", "megatron_opcd.generate", "--ckpt", str(moe_world["ck"]), "--prompts",
-         str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--greedy", "--max-new-tokens", str(NEW),
-         "--ignore-eos", "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-    got = torch.tensor([p.tolist() + r["response_ids"] for p, r in zip(prompts, rows)])
+    got = _generate_cli(moe_world["ck"], moe_world["prompts"], tmp_path)
     assert torch.equal(got, moe_world["ref"]["greedy"])
 
 
